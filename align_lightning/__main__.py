@@ -1,0 +1,6 @@
+"""``python -m align_lightning``: the LightningCLI entry point."""
+
+from align_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

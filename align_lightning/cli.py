@@ -1,0 +1,122 @@
+"""Command line: ``python -m align_lightning fit|validate|test|predict --config recipes/<x>.yaml``.
+
+This is Lightning's ``LightningCLI`` (``parser_mode="omegaconf"``, so recipes may interpolate
+``${...}``) with three additions:
+
+* the data's tokenizer sets the text tower's vocabulary size (one source of truth);
+* a recipe given by name or as ``recipes/<name>.yaml`` resolves to the copy shipped in the package
+  when no such file exists (so recipes work from an installed wheel);
+* a bad value found while building the recipe's objects is reported with its full dotted key.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.core.datamodule import LightningDataModule
+
+from align_lightning._errors import ConfigError
+from align_lightning.callbacks import MetricsJSON
+from align_lightning.module import ALIGNModule
+
+__all__ = ["ALIGNCLI", "main", "recipe_path", "recipe_names"]
+
+_TEXT_TOWER_VOCAB = "model.model.init_args.text_tower.init_args.vocab_size"
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with the package (``quickstart``, ``align_base``, ...)."""
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("align_lightning.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """Resolve a recipe: an existing file as is, else a shipped recipe by name (``quickstart``,
+    ``quickstart.yaml`` or ``recipes/quickstart.yaml``).
+
+    Raises:
+        FileNotFoundError: If it is neither, listing the shipped recipes.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = resources.files("align_lightning.recipes").joinpath(path.name if path.suffix else f"{path.name}.yaml")
+    if candidate.is_file():
+        return Path(str(candidate))
+    raise FileNotFoundError(f"No recipe file {name!r}, and no shipped recipe of that name. Shipped: {', '.join(recipe_names())}.")
+
+
+def _resolve_config_args(args: Sequence[str]) -> list[str]:
+    """Replace the value of every ``--config X`` / ``--config=X`` by :func:`recipe_path` (X)."""
+    resolved: list[str] = []
+    expect_value = False
+    for arg in args:
+        if expect_value:
+            arg, expect_value = str(recipe_path(arg)), False
+        elif arg == "--config":
+            expect_value = True
+        elif arg.startswith("--config="):
+            arg = "--config=" + str(recipe_path(arg.split("=", 1)[1]))
+        resolved.append(arg)
+    return resolved
+
+
+def _tokenizer_vocab_size(data: LightningDataModule) -> int | None:
+    tokenizer = getattr(data, "tokenizer", None)
+    return None if tokenizer is None else len(tokenizer)
+
+
+def _find_key(config: Any, param: str, value: Any, prefix: str = "") -> Iterator[str]:
+    """Yield the dotted keys in ``config`` whose last part is ``param`` and whose value is ``value``."""
+    items = config.items() if hasattr(config, "items") else []
+    for key, child in items:
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key == param and child == value:
+            yield dotted
+        yield from _find_key(child, param, value, dotted)
+
+
+class ALIGNCLI(LightningCLI):
+    """``LightningCLI`` for :class:`~align_lightning.module.ALIGNModule` and any DataModule."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Add the metrics.json writer (always on) and link the data's tokenizer to the text tower's vocabulary."""
+        parser.add_lightning_class_args(MetricsJSON, "metrics_json")
+        parser.link_arguments("data", _TEXT_TOWER_VOCAB, compute_fn=_tokenizer_vocab_size, apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Build the recipe's objects; a :class:`ConfigError` is re-raised naming its full key."""
+        try:
+            super().instantiate_classes()
+        except ConfigError as err:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            keys = list(_find_key(config.as_dict(), err.param, err.value)) or [err.param]
+            raise ConfigError(" / ".join(keys), err.value, err.message) from err
+
+
+def main(args: Sequence[str] | None = None) -> ALIGNCLI:
+    """Run the command line (``python -m align_lightning`` and ``align-lightning``).
+
+    Args:
+        args: Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+    """
+    if args is None:
+        # LightningCLI reads sys.argv itself (and warns when given both), so resolve in place.
+        sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+    else:
+        args = _resolve_config_args(args)
+    return ALIGNCLI(
+        ALIGNModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,15 @@
+"""Data: DataModules, transforms, tokenizers and collation."""
+
+from align_lightning.data.collate import ImageTextCollator, clean_caption
+from align_lightning.data.demo import DemoDataModule
+from align_lightning.data.tokenizer import load_tokenizer, train_wordpiece
+from align_lightning.data.transforms import image_transform
+
+__all__ = [
+    "DemoDataModule",
+    "ImageTextCollator",
+    "clean_caption",
+    "image_transform",
+    "load_tokenizer",
+    "train_wordpiece",
+]

@@ -1,0 +1,5 @@
+"""Evaluation metrics computed from embeddings."""
+
+from align_lightning.eval.retrieval import retrieval_metrics
+
+__all__ = ["retrieval_metrics"]

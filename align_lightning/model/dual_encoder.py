@@ -1,0 +1,129 @@
+"""The ALIGN dual encoder: two towers, projections to a shared space, and a learnable temperature."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from align_lightning._errors import ConfigError
+from align_lightning.model.towers import ImageTower, TextTower
+
+__all__ = ["DualEncoder"]
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower mapped into one L2-normalised embedding space.
+
+    As in ALIGN, the text feature goes through a linear projection ("fully connected layer with
+    linear activation") to the image feature width, the image feature is used as is (an image
+    projection is optional), both are L2-normalised, and ``logits = cosine / temperature`` with a
+    learnable temperature initialised at 1.0 (it converges to about 1/64 in the paper).
+
+    The temperature is stored raw (the ``temperature`` parameter, as Hugging Face ``AlignModel``
+    stores it) and clamped from below at ``min_temperature`` when used, so it can neither reach 0
+    nor go negative; the default floor 0.01 caps the logit scale at 100, CLIP's cap.
+
+    Args:
+        image_tower: Module mapping ``(B, 3, H, W)`` pixels to ``(B, image_tower.output_dim)``.
+        text_tower: Module mapping ``(B, L)`` token ids (+ mask) to ``(B, text_tower.output_dim)``.
+        embed_dim: Width of the shared space; ``None`` uses the image feature width (ALIGN).
+        image_projection: Add a linear image projection; required when ``embed_dim`` differs from
+            the image feature width.
+        temperature_init: Initial temperature (ALIGN: 1.0).
+        min_temperature: Lower clamp of the temperature.
+        learnable_temperature: Learn the temperature (ALIGN) or keep it fixed at its initial value.
+        grad_checkpointing: Recompute tower activations in the backward pass to save memory.
+
+    Raises:
+        ConfigError: If ``embed_dim`` differs from the image feature width without an image
+            projection, or the temperature settings are not positive.
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower | nn.Module,
+        text_tower: TextTower | nn.Module,
+        embed_dim: int | None = None,
+        image_projection: bool = False,
+        temperature_init: float = 1.0,
+        min_temperature: float = 0.01,
+        learnable_temperature: bool = True,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        image_dim, text_dim = int(image_tower.output_dim), int(text_tower.output_dim)
+        if embed_dim is None:
+            embed_dim = image_dim
+        if embed_dim != image_dim and not image_projection:
+            raise ConfigError(
+                "embed_dim",
+                embed_dim,
+                f"differs from the image tower's feature width ({image_dim}). Set embed_dim to {image_dim} "
+                "(ALIGN: no image projection) or image_projection: true.",
+            )
+        if not 0.0 < min_temperature <= temperature_init:
+            raise ConfigError(
+                "min_temperature",
+                min_temperature,
+                f"must satisfy 0 < min_temperature <= temperature_init ({temperature_init}).",
+            )
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_projection = nn.Linear(image_dim, embed_dim) if image_projection else None
+        self.text_projection = nn.Linear(text_dim, embed_dim)
+        self.temperature = nn.Parameter(torch.tensor(float(temperature_init)), requires_grad=learnable_temperature)
+        self.min_temperature = min_temperature
+        self.embed_dim = embed_dim
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Switch activation (gradient) checkpointing on or off in both towers."""
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
+    def clamped_temperature(self) -> Tensor:
+        """The temperature actually used: ``max(temperature, min_temperature)`` (a 0-dim tensor)."""
+        return self.temperature.clamp(min=self.min_temperature)
+
+    def logit_scale(self) -> Tensor:
+        """``1 / temperature``, the multiplier of the cosine similarities (a 0-dim tensor)."""
+        return 1.0 / self.clamped_temperature()
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """Embed images.
+
+        Args:
+            pixel_values: ``(B, 3, H, W)`` preprocessed images.
+
+        Returns:
+            ``(B, embed_dim)`` L2-normalised embeddings.
+        """
+        features = self.image_tower(pixel_values)
+        if self.image_projection is not None:
+            features = self.image_projection(features)
+        return F.normalize(features, dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Embed token sequences.
+
+        Args:
+            input_ids: ``(B, L)`` token ids.
+            attention_mask: ``(B, L)`` mask, 1 for tokens and 0 for padding.
+
+        Returns:
+            ``(B, embed_dim)`` L2-normalised embeddings.
+        """
+        return F.normalize(self.text_projection(self.text_tower(input_ids, attention_mask)), dim=-1)
+
+    def forward(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed a batch of image-text pairs.
+
+        Returns:
+            ``(image_embeds, text_embeds, logit_scale)``: two ``(B, embed_dim)`` L2-normalised
+            embeddings and the 0-dim logit scale ``1 / temperature``.
+        """
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.logit_scale()

@@ -1,0 +1,157 @@
+"""The LightningModule that trains a :class:`~align_lightning.model.DualEncoder` with a contrastive loss."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from align_lightning.eval.retrieval import retrieval_metrics
+from align_lightning.losses.contrastive import ContrastiveLoss
+from align_lightning.model.dual_encoder import DualEncoder
+from align_lightning.optim import WarmupLinearDecay, align_lamb, weight_decay_param_groups
+
+__all__ = ["ALIGNModule"]
+
+
+class ALIGNModule(L.LightningModule):
+    """Orchestrates ALIGN training: the model embeds, the loss scores, this module steps and logs.
+
+    Everything is injected (a recipe wires it with ``class_path``/``init_args``): the dual encoder,
+    the loss, an optimizer factory and a learning-rate scheduler factory. Weight decay is applied
+    to matrices only: biases, norm weights and the temperature are excluded (ALIGN), by giving the
+    optimizer two parameter groups.
+
+    Logged: ``train/loss`` (+ ``train/loss_i2t``, ``train/loss_t2i``), ``train/temperature``,
+    ``train/lr``, ``train/samples_per_sec`` (global); ``val/loss`` and held-out retrieval recall
+    ``val/<dataset>/i2t_R@k`` / ``t2i_R@k`` over the whole validation set (``test/...`` likewise).
+
+    Args:
+        model: The dual encoder.
+        loss: The contrastive loss; default ALIGN's (label smoothing 0.1, negatives from all ranks).
+        optimizer: Callable mapping parameter groups to an optimizer; default LAMB, lr 1e-3, weight
+            decay 1e-5.
+        lr_scheduler: Callable mapping the optimizer to a scheduler, stepped every optimizer step;
+            default linear decay to 0 over the run (use :class:`WarmupLinearDecay` for warm-up).
+        retrieval_ks: The K of the held-out recall@K.
+    """
+
+    def __init__(
+        self,
+        model: DualEncoder,
+        loss: ContrastiveLoss | None = None,
+        optimizer: OptimizerCallable = align_lamb,
+        lr_scheduler: LRSchedulerCallable = WarmupLinearDecay,
+        retrieval_ks: tuple[int, ...] = (1, 5, 10),
+    ) -> None:
+        super().__init__()
+        # The modules are checkpointed as state; the config (also of the modules, when built by the
+        # CLI) goes to the hyper-parameters so `load_from_checkpoint` can rebuild them.
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model = model
+        self.loss = loss if loss is not None else ContrastiveLoss()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.retrieval_ks = tuple(retrieval_ks)
+        self._eval_embeds: list[tuple[Tensor, Tensor]] = []
+        self._last_step_time: float | None = None
+
+    # -- training --------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed a batch: ``(image_embeds, text_embeds, logit_scale)``."""
+        return self.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
+
+    def _step_loss(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        image_embeds, text_embeds, logit_scale = self(batch)
+        return self.loss(image_embeds, text_embeds, logit_scale), image_embeds, text_embeds
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One contrastive step on a batch of ``pixel_values``, ``input_ids``, ``attention_mask``."""
+        terms, _, _ = self._step_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {"train/loss_i2t": terms["loss_i2t"], "train/loss_t2i": terms["loss_t2i"]}, batch_size=batch_size
+        )
+        self.log("train/temperature", self.model.clamped_temperature().detach(), prog_bar=True, batch_size=batch_size)
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Log the learning rate and the global throughput (samples/s over all ranks)."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            samples = batch["input_ids"].shape[0] * self.trainer.world_size
+            self.log("train/samples_per_sec", samples / (now - self._last_step_time), batch_size=1)
+        self._last_step_time = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    def on_train_epoch_start(self) -> None:
+        """Do not count the gap between epochs (validation, checkpointing) as step time."""
+        self._last_step_time = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Build the optimizer on the two weight-decay groups and a per-step scheduler."""
+        optimizer = self.optimizer(weight_decay_param_groups(self.model))
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        terms, image_embeds, text_embeds = self._step_loss(batch)
+        self.log(f"{stage}/loss", terms["loss"], sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self._eval_embeds.append((image_embeds.detach().float(), text_embeds.detach().float()))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if not self._eval_embeds:
+            return
+        images = torch.cat([i for i, _ in self._eval_embeds])
+        texts = torch.cat([t for _, t in self._eval_embeds])
+        self._eval_embeds.clear()
+        if self.trainer.world_size > 1:
+            images = self.all_gather(images).flatten(0, 1)
+            texts = self.all_gather(texts).flatten(0, 1)
+        # One caption per image here: caption j describes image j.
+        metrics = retrieval_metrics(images, texts, torch.arange(len(texts)), ks=self.retrieval_ks)
+        name = getattr(self.trainer.datamodule, "name", None) or "data"
+        self.log_dict({f"{stage}/{name}/{key}": value for key, value in metrics.items()}, rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        """Start collecting validation embeddings."""
+        self._eval_embeds.clear()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Validation loss on a held-out batch; embeddings kept for the epoch's retrieval recall."""
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Retrieval recall@K over the whole validation set."""
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Start collecting test embeddings."""
+        self._eval_embeds.clear()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Test loss on a held-out batch; embeddings kept for the epoch's retrieval recall."""
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Retrieval recall@K over the whole test set."""
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Embed whatever the batch holds: ``image_embeds`` for ``pixel_values``, ``text_embeds`` for ``input_ids``."""
+        out = {}
+        if "pixel_values" in batch:
+            out["image_embeds"] = self.model.encode_image(batch["pixel_values"])
+        if "input_ids" in batch:
+            out["text_embeds"] = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
+        return out
