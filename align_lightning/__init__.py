@@ -20,7 +20,15 @@ _EXPORTS = {
     "contrastive_loss": "align_lightning.losses",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "ALIGNModule",
+    "ContrastiveLoss",
+    "DualEncoder",
+    "ImageTower",
+    "TextTower",
+    "__version__",
+    "contrastive_loss",
+]
 
 if TYPE_CHECKING:
     from align_lightning.losses import ContrastiveLoss, contrastive_loss

@@ -24,14 +24,23 @@ from align_lightning._errors import ConfigError
 from align_lightning.callbacks import MetricsJSON
 from align_lightning.module import ALIGNModule
 
-__all__ = ["ALIGNCLI", "main", "recipe_path", "recipe_names"]
+__all__ = ["ALIGNCLI", "main", "recipe_names", "recipe_path", "recipes_dir"]
 
 _TEXT_TOWER_VOCAB = "model.model.init_args.text_tower.init_args.vocab_size"
 
 
+def recipes_dir() -> Path:
+    """The folder of the shipped recipes: ``align_lightning/recipes`` in an installed wheel, else the
+    source checkout's top-level ``recipes/``."""
+    try:
+        return Path(str(resources.files("align_lightning.recipes")))
+    except ModuleNotFoundError:  # running from a source checkout that is not installed
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
 def recipe_names() -> list[str]:
     """Names of the recipes shipped with the package (``quickstart``, ``align_base``, ...)."""
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("align_lightning.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
 def recipe_path(name: str) -> Path:
@@ -44,10 +53,12 @@ def recipe_path(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    candidate = resources.files("align_lightning.recipes").joinpath(path.name if path.suffix else f"{path.name}.yaml")
+    candidate = recipes_dir() / (path.name if path.suffix else f"{path.name}.yaml")
     if candidate.is_file():
-        return Path(str(candidate))
-    raise FileNotFoundError(f"No recipe file {name!r}, and no shipped recipe of that name. Shipped: {', '.join(recipe_names())}.")
+        return candidate
+    raise FileNotFoundError(
+        f"No recipe file {name!r}, and no shipped recipe of that name. Shipped: {', '.join(recipe_names())}."
+    )
 
 
 def _resolve_config_args(args: Sequence[str]) -> list[str]:
@@ -92,10 +103,16 @@ class ALIGNCLI(LightningCLI):
         """Build the recipe's objects; a :class:`ConfigError` is re-raised naming its full key."""
         try:
             super().instantiate_classes()
-        except ConfigError as err:
+        except Exception as err:
+            # jsonargparse may wrap the error (e.g. when a type is a Union): look down the chain.
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
             config = self.config[self.subcommand] if self.subcommand else self.config
-            keys = list(_find_key(config.as_dict(), err.param, err.value)) or [err.param]
-            raise ConfigError(" / ".join(keys), err.value, err.message) from err
+            keys = list(_find_key(config.as_dict(), cause.param, cause.value)) or [cause.param]
+            raise ConfigError(" / ".join(keys), cause.value, cause.message) from err
 
 
 def main(args: Sequence[str] | None = None) -> ALIGNCLI:

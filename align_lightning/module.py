@@ -18,6 +18,15 @@ from align_lightning.optim import WarmupLinearDecay, align_lamb, weight_decay_pa
 __all__ = ["ALIGNModule"]
 
 
+def _built_by_cli() -> bool:
+    """Whether LightningCLI is instantiating this module with its config as hyper-parameters."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without the mechanism: behave as when built in Python
+        return False
+    return _given_hyperparameters.get() is not None
+
+
 class ALIGNModule(L.LightningModule):
     """Orchestrates ALIGN training: the model embeds, the loss scores, this module steps and logs.
 
@@ -49,9 +58,11 @@ class ALIGNModule(L.LightningModule):
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
     ) -> None:
         super().__init__()
-        # The modules are checkpointed as state; the config (also of the modules, when built by the
-        # CLI) goes to the hyper-parameters so `load_from_checkpoint` can rebuild them.
-        self.save_hyperparameters(ignore=["model", "loss"])
+        # Built by LightningCLI, the hyper-parameters are the recipe's config (modules included as
+        # class_path/init_args), so `ALIGNModule.load_from_checkpoint(path)` rebuilds everything.
+        # Built in Python, the modules are not pickled into them (their weights are in the state
+        # dict): pass `model=` (and `loss=`) to `load_from_checkpoint`.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["model", "loss"])
         self.model = model
         self.loss = loss if loss is not None else ContrastiveLoss()
         self.optimizer = optimizer
@@ -75,9 +86,7 @@ class ALIGNModule(L.LightningModule):
         terms, _, _ = self._step_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
-        self.log_dict(
-            {"train/loss_i2t": terms["loss_i2t"], "train/loss_t2i": terms["loss_t2i"]}, batch_size=batch_size
-        )
+        self.log_dict({"train/loss_i2t": terms["loss_i2t"], "train/loss_t2i": terms["loss_t2i"]}, batch_size=batch_size)
         self.log("train/temperature", self.model.clamped_temperature().detach(), prog_bar=True, batch_size=batch_size)
         return terms["loss"]
 

@@ -50,7 +50,9 @@ class WarmupLinearDecay(LRScheduler):
         self, optimizer: Optimizer, warmup_steps: int = 0, total_steps: int | None = None, last_epoch: int = -1
     ) -> None:
         if warmup_steps < 0 or (total_steps is not None and total_steps < warmup_steps):
-            raise ValueError(f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, total_steps={total_steps}.")
+            raise ValueError(
+                f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, total_steps={total_steps}."
+            )
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         super().__init__(optimizer, last_epoch)

@@ -31,7 +31,9 @@ class ImageTextCollator:
             ``torch.compile``) instead of to its longest caption.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 64, pad_to_max_length: bool = False) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int = 64, pad_to_max_length: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.padding = "max_length" if pad_to_max_length else "longest"

@@ -157,9 +157,12 @@ def render_demo_image(sample: DemoSample, size: int, seed: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     radius = size * (rng.uniform(0.09, 0.13) if sample.size == "small" else rng.uniform(0.2, 0.26))
     cx = size * rng.uniform(0.3, 0.7)
-    cy = size * {"top": rng.uniform(0.2, 0.3), "middle": rng.uniform(0.45, 0.55), "bottom": rng.uniform(0.7, 0.8)}[
-        sample.position
-    ]
+    cy = (
+        size
+        * {"top": rng.uniform(0.2, 0.3), "middle": rng.uniform(0.45, 0.55), "bottom": rng.uniform(0.7, 0.8)}[
+            sample.position
+        ]
+    )
     fill = COLORS[sample.color]
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if sample.shape == "circle":

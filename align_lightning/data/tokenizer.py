@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from align_lightning._errors import ConfigError
@@ -25,13 +26,21 @@ def train_wordpiece(
 ) -> PreTrainedTokenizerFast:
     """Learn a BERT-style WordPiece vocabulary from captions (ALIGN learned 100k from its alt-texts).
 
-    The result behaves like ``bert-base-uncased``'s tokenizer: BERT normalisation and
-    pre-tokenisation, ``[CLS] text [SEP]`` framing, ``[PAD]`` id 0.
+    The vocabulary holds every character seen (as a word start and as a ``##`` continuation), so
+    any text can be tokenised, plus the most frequent words (at least ``min_frequency``
+    occurrences, ties broken alphabetically) up to ``vocab_size``; rarer words are split into
+    pieces by WordPiece's greedy longest match. The result is **deterministic**: the same captions
+    always give the same vocabulary and ids (the ``tokenizers`` trainer numbers tokens in hash-map
+    order, which changes from run to run and would silently scramble a text tower's embeddings
+    when a run is resumed with a re-learned vocabulary).
+
+    The tokenizer behaves like ``bert-base-uncased``'s: BERT normalisation and pre-tokenisation,
+    ``[CLS] text [SEP]`` framing, ``[PAD]`` id 0.
 
     Args:
         texts: Training captions (iterated once).
-        vocab_size: Upper bound on the vocabulary size (special tokens included).
-        min_frequency: Minimum count for a merge to enter the vocabulary.
+        vocab_size: Upper bound on the vocabulary size (special tokens and characters included).
+        min_frequency: Minimum count for a whole word to enter the vocabulary.
         lowercase: Lower-case and strip accents (as the uncased BERT vocabulary).
         max_length: ``model_max_length`` of the returned tokenizer (ALIGN: 64 tokens).
         save_dir: If given, ``save_pretrained`` the tokenizer there (reload with
@@ -39,18 +48,35 @@ def train_wordpiece(
 
     Returns:
         A fast tokenizer usable wherever a Hugging Face tokenizer is.
+
+    Raises:
+        ValueError: If ``vocab_size`` cannot even hold the special tokens and the characters seen.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=_SPECIAL_TOKENS, show_progress=False
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({char for word in counts for char in word})
+    base = _SPECIAL_TOKENS + characters + [f"##{char}" for char in characters]
+    if vocab_size < len(base):
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the {len(_SPECIAL_TOKENS)} special tokens and the "
+            f"{len(characters)} characters seen (x2 for ## pieces); use at least {len(base)}."
+        )
+    frequent = sorted(
+        (w for w, c in counts.items() if c >= min_frequency and len(w) > 1), key=lambda w: (-counts[w], w)
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    vocab = base + sorted(frequent[: vocab_size - len(base)])
+    tokenizer = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -50,7 +50,9 @@ def image_transform(
         raise ValueError(f"resize_size ({resize_size}) must be at least image_size ({image_size}).")
     if isinstance(normalize, str):
         if normalize not in _NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {sorted(_NORMALIZATIONS)} or a (mean, std) pair, got {normalize!r}.")
+            raise ValueError(
+                f"normalize must be one of {sorted(_NORMALIZATIONS)} or a (mean, std) pair, got {normalize!r}."
+            )
         mean, std = _NORMALIZATIONS[normalize]
     else:
         mean, std = normalize

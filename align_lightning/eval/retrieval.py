@@ -38,7 +38,9 @@ def retrieval_metrics(
     text_to_image = torch.as_tensor(text_to_image, device=image_embeds.device, dtype=torch.long)
     num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
     if text_to_image.shape != (num_texts,):
-        raise ValueError(f"text_to_image must have one entry per text ({num_texts}), got shape {tuple(text_to_image.shape)}.")
+        raise ValueError(
+            f"text_to_image must have one entry per text ({num_texts}), got shape {tuple(text_to_image.shape)}."
+        )
     if num_texts and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
         raise ValueError(f"text_to_image holds indices outside [0, {num_images}).")
     image_embeds, text_embeds = image_embeds.float(), text_embeds.float()

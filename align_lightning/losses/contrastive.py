@@ -119,7 +119,9 @@ def contrastive_loss(
         The scalar loss of this rank. Averaged over ranks (as DDP/FSDP average gradients), loss and
         gradients equal those of a single process holding the whole global batch.
     """
-    return _reduce(*_contrastive_terms(image_embeds, text_embeds, logit_scale, label_smoothing, gather, group), reduction)
+    return _reduce(
+        *_contrastive_terms(image_embeds, text_embeds, logit_scale, label_smoothing, gather, group), reduction
+    )
 
 
 class ContrastiveLoss(nn.Module):

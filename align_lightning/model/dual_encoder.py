@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align_lightning._errors import ConfigError
-from align_lightning.model.towers import ImageTower, TextTower
 
 __all__ = ["DualEncoder"]
 
@@ -42,8 +41,8 @@ class DualEncoder(nn.Module):
 
     def __init__(
         self,
-        image_tower: ImageTower | nn.Module,
-        text_tower: TextTower | nn.Module,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
         embed_dim: int | None = None,
         image_projection: bool = False,
         temperature_init: float = 1.0,

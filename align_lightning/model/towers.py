@@ -192,7 +192,13 @@ class TextTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass instead of storing them (HF's switch)."""
-        if enable:
+        # transformers >= 5 renamed the switch; keep working with both.
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enable:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()

@@ -168,7 +168,9 @@ def _worker(rank: int, world_size: int, init_file: str, cases: dict, out: str) -
         for case_id, (sizes, smoothing, reduction) in cases.items():
             model, x_image, x_text = _global_problem(sizes)
             local = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-            loss = contrastive_loss(*model(x_image[local], x_text[local]), label_smoothing=smoothing, reduction=reduction)
+            loss = contrastive_loss(
+                *model(x_image[local], x_text[local]), label_smoothing=smoothing, reduction=reduction
+            )
             loss.backward()
             # What DDP does with gradients, and Lightning's sync_dist with the logged loss: average.
             for p in model.parameters():
