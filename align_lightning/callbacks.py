@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 __all__ = ["MetricsJSON"]
-
-log = logging.getLogger(__name__)
 
 
 class MetricsJSON(L.Callback):
@@ -39,7 +36,7 @@ class MetricsJSON(L.Callback):
             metrics[key] = value if math.isfinite(value) else str(value)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
-        log.info("Wrote %d metrics to %s", len(metrics), path)
+        rank_zero_info(f"Final metrics written to {path}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After ``fit``: the last training and validation metrics."""

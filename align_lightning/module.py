@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from align_lightning.eval.retrieval import retrieval_metrics
@@ -131,6 +132,13 @@ class ALIGNModule(L.LightningModule):
         metrics = retrieval_metrics(images, texts, torch.arange(len(texts)), ks=self.retrieval_ks)
         name = getattr(self.trainer.datamodule, "name", None) or "data"
         self.log_dict({f"{stage}/{name}/{key}": value for key, value in metrics.items()}, rank_zero_only=True)
+        if not self.trainer.sanity_checking:
+            # Chance level of R@K with one caption per image is K / N: say how far above it we are.
+            summary = ", ".join(
+                f"{key} {value:.3f} (chance {min(int(key.rsplit('@', 1)[1]) / len(texts), 1.0):.3f})"
+                for key, value in metrics.items()
+            )
+            rank_zero_info(f"{stage}/{name} retrieval, {len(texts)} held-out pairs, step {self.global_step}: {summary}")
 
     def on_validation_epoch_start(self) -> None:
         """Start collecting validation embeddings."""
