@@ -1,7 +1,8 @@
 """Command line: ``python -m align_lightning fit|validate|test|predict --config recipes/<x>.yaml``.
 
 This is Lightning's ``LightningCLI`` (``parser_mode="omegaconf"``, so recipes may interpolate
-``${...}``) with three additions:
+``${...}``; interpolations are resolved when the recipe file is loaded, so a command-line override
+of a key does not change values interpolated from it) with three additions:
 
 * the data's tokenizer sets the text tower's vocabulary size (one source of truth);
 * a recipe given by name or as ``recipes/<name>.yaml`` resolves to the copy shipped in the package

@@ -122,3 +122,17 @@ def test_bad_values_name_their_recipe_key(tmp_path: Path, override: str, key: st
     with pytest.raises(ConfigError, match=message) as info:
         _fit(tmp_path, override)
     assert str(info.value).startswith(key)
+
+
+def test_recipes_interpolate(tmp_path: Path) -> None:
+    """parser_mode="omegaconf": `${data.init_args.max_length}` in the recipe follows the recipe's value."""
+    recipe = Path("recipes/quickstart.yaml").read_text()
+    assert "${data.init_args.max_length}" in recipe
+    cli = _fit(tmp_path, "--trainer.limit_val_batches=0")
+    assert cli.model.model.text_tower.model.config.max_position_embeddings == 64
+    changed = tmp_path / "quickstart_48.yaml"
+    changed.write_text(recipe.replace("max_length: 64", "max_length: 48"))
+    cli = main(["fit", "--config", str(changed), *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.model.model.text_tower.model.config.max_position_embeddings == 48
+    assert cli.datamodule.collate.max_length == 48
+    assert cli.model.model.text_tower.vocab_size == len(cli.datamodule.tokenizer)  # the link still applies
