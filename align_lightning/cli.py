@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,17 @@ from align_lightning._errors import ConfigError
 from align_lightning.callbacks import MetricsJSON
 from align_lightning.module import ALIGNModule
 
-__all__ = ["ALIGNCLI", "main", "recipe_names", "recipe_path", "recipes_dir"]
+__all__ = ["ALIGNCLI", "main", "recipe_names", "recipe_path", "recipes_dir", "run"]
 
 _TEXT_TOWER_VOCAB = "model.model.init_args.text_tower.init_args.vocab_size"
 
 
 def recipes_dir() -> Path:
     """The folder of the shipped recipes: ``align_lightning/recipes`` in an installed wheel, else the
-    source checkout's top-level ``recipes/``."""
-    try:
-        return Path(str(resources.files("align_lightning.recipes")))
-    except ModuleNotFoundError:  # running from a source checkout that is not installed
-        return Path(__file__).resolve().parent.parent / "recipes"
+    top-level ``recipes/`` of the source checkout (plain or editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
 
 
 def recipe_names() -> list[str]:
@@ -116,11 +114,15 @@ class ALIGNCLI(LightningCLI):
             raise ConfigError(" / ".join(keys), cause.value, cause.message) from err
 
 
-def main(args: Sequence[str] | None = None) -> ALIGNCLI:
-    """Run the command line (``python -m align_lightning`` and ``align-lightning``).
+def run(args: Sequence[str] | None = None) -> ALIGNCLI:
+    """Parse ``args``, build the recipe's objects and run the subcommand.
 
     Args:
-        args: Arguments without the program name; ``sys.argv[1:]`` when ``None``.
+        args: Arguments without the program name (``["fit", "--config", "quickstart"]``);
+            ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The finished CLI, with its ``trainer``, ``model`` and ``datamodule``.
     """
     if args is None:
         # LightningCLI reads sys.argv itself (and warns when given both), so resolve in place.
@@ -138,3 +140,8 @@ def main(args: Sequence[str] | None = None) -> ALIGNCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of ``python -m align_lightning`` and the ``align-lightning`` console script."""
+    run()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from align_lightning._errors import ConfigError
-from align_lightning.cli import main, recipe_names, recipe_path
+from align_lightning.cli import recipe_names, recipe_path, run
 
 QUICK = [
     "--trainer.max_steps=2",
@@ -27,7 +27,7 @@ QUICK = [
 
 
 def _fit(tmp_path: Path, *extra: str) -> object:
-    return main(
+    return run(
         [
             "fit",
             "--config",
@@ -63,7 +63,7 @@ def test_metrics_json_written_after_fit_validate_and_test(tmp_path: Path) -> Non
     assert {"train/loss", "train/temperature", "val/loss", "val/demo/i2t_R@1", "val/demo/t2i_R@10"} <= set(fit_metrics)
     ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
     for stage, key in (("validate", "val/demo/i2t_R@1"), ("test", "test/demo/t2i_R@1")):
-        cli = main(
+        cli = run(
             [
                 stage,
                 "--config",
@@ -96,7 +96,7 @@ def test_invalid_recipe_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(recipe))
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(bad)])
+        run(["fit", "--config", str(bad)])
     assert "max_stepz" in capsys.readouterr().err
 
 
@@ -132,7 +132,7 @@ def test_recipes_interpolate(tmp_path: Path) -> None:
     assert cli.model.model.text_tower.model.config.max_position_embeddings == 64
     changed = tmp_path / "quickstart_48.yaml"
     changed.write_text(recipe.replace("max_length: 64", "max_length: 48"))
-    cli = main(["fit", "--config", str(changed), *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli = run(["fit", "--config", str(changed), *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.model.model.text_tower.model.config.max_position_embeddings == 48
     assert cli.datamodule.collate.max_length == 48
     assert cli.model.model.text_tower.vocab_size == len(cli.datamodule.tokenizer)  # the link still applies

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align_lightning.cli import main, recipes_dir
+from align_lightning.cli import recipes_dir, run
 from tests.conftest import TINY_BERT
 
 RECIPES = sorted(recipes_dir().glob("*.yaml"))
@@ -44,7 +44,7 @@ def test_recipe_trains_with_tiny_towers(recipe_path: Path, tmp_path: Path) -> No
     recipe = _tiny(yaml.safe_load(recipe_path.read_text()), tmp_path)
     config = tmp_path / recipe_path.name
     config.write_text(yaml.safe_dump(recipe))
-    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=2"])
+    cli = run(["fit", "--config", str(config), "--trainer.fast_dev_run=2"])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
     # The recipe's wiring survived: its loss, optimizer and precision are the ones used.
@@ -54,7 +54,7 @@ def test_recipe_trains_with_tiny_towers(recipe_path: Path, tmp_path: Path) -> No
 
 def test_quickstart_end_to_end_short(tmp_path: Path) -> None:
     """The README's main command, shortened: fit, then metrics.json with the contract keys."""
-    cli = main(
+    cli = run(
         [
             "fit",
             "--config",
@@ -75,7 +75,7 @@ def test_quickstart_end_to_end_short(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quickstart_full_learns_above_chance(tmp_path: Path) -> None:
     """The full quickstart (about 4 minutes on 2 cores): held-out retrieval far above chance."""
-    cli = main(["fit", "--config", "recipes/quickstart.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli = run(["fit", "--config", "recipes/quickstart.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     chance_at_10 = 10 / 512
     assert metrics["val/demo/i2t_R@10"] > 5 * chance_at_10
