@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = ["MetricsJSON"]
 
@@ -25,11 +25,13 @@ class MetricsJSON(L.Callback):
     def __init__(self, filename: str = "metrics.json") -> None:
         self.filename = filename
 
-    @rank_zero_only
     def _write(self, trainer: L.Trainer) -> None:
-        if trainer.sanity_checking or trainer.log_dir is None:
+        if trainer.sanity_checking:
             return
-        path = Path(trainer.log_dir) / self.filename
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask, not only rank 0
+        if not trainer.is_global_zero or log_dir is None:
+            return
+        path = Path(log_dir) / self.filename
         metrics = json.loads(path.read_text()) if path.is_file() else {}
         for key, value in trainer.callback_metrics.items():
             value = float(value)

@@ -82,3 +82,26 @@ def test_quickstart_full_learns_above_chance(tmp_path: Path) -> None:
     assert metrics["val/demo/t2i_R@10"] > 5 * chance_at_10
     assert metrics["val/demo/i2t_R@1"] > 5 / 512
     assert metrics["train/temperature"] != pytest.approx(0.1, abs=1e-3)  # learned, not frozen at its init
+
+
+def test_quickstart_with_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
+    """Lightning DDP (gloo): the all-gathered loss, no unused parameters, validation and metrics.json."""
+    cli = run(
+        [
+            "fit",
+            "--config",
+            "recipes/quickstart.yaml",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--data.init_args.num_train=256",
+            "--data.init_args.num_val=32",
+            "--data.init_args.batch_size=16",
+            "--data.init_args.num_workers=0",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    metrics = json.loads(next(tmp_path.glob("quickstart/version_*/metrics.json")).read_text())
+    assert cli.trainer.world_size == 2
+    assert {"train/loss", "val/loss", "val/demo/i2t_R@1"} <= set(metrics)
