@@ -5,7 +5,7 @@ per-step learning-rate schedule) of the quickstart-sized ALIGN model (timm ``tes
 tower + 2-layer BERT-64 text tower), run by :class:`~align_lightning.module.ALIGNModule` under
 ``lightning.Trainer``, logging included, as a real run does.
 
-Peer: a hand-written PyTorch loop (``zero_grad``, forward, loss, backward, optimizer and scheduler
+Peer: a hand-written PyTorch loop (forward, loss, ``zero_grad``, backward, optimizer and scheduler
 step) over the *same* architecture, initial weights, seed, in-memory batches, optimiser and schedule.
 The ratio ``lightning / plain`` of samples/s is the cost of Lightning (hooks, loops, logging); the
 target is >= 0.95, i.e. under 5% overhead. Both modes reach the same final loss, which shows that
@@ -290,12 +290,12 @@ def results_table(results: dict[str, list[RunResult]], steps: int, batch_size: i
     ]
 
 
-def record(rows: list[str], setup: str) -> None:
+def record(rows: list[str], notes: list[str]) -> None:
     """Append a dated entry to ``benchmarks/RESULTS.md``, creating the file if needed.
 
     Args:
         rows: The table's lines.
-        setup: A markdown bullet line describing the benchmark's settings.
+        notes: Markdown bullet lines on the benchmark's settings and conditions.
     """
     if not RESULTS.exists():
         RESULTS.write_text(RESULTS_HEADER)
@@ -305,7 +305,7 @@ def record(rows: list[str], setup: str) -> None:
         f"\n## {stamp} - train_step.py: Lightning vs plain PyTorch loop\n",
         *environment(),
         f"- Command: `{command}`",
-        setup,
+        *notes,
         "",
         *rows,
     ]
@@ -350,6 +350,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
 
+    load_before = os.getloadavg()[0]
     batches, vocab_size = make_batches(args.batch_size, args.image_size, args.warmup + args.steps)
     model, loss_fn = build_model(vocab_size)
     runners = {PLAIN: run_plain, LIGHTNING: run_lightning}
@@ -363,14 +364,20 @@ def main() -> None:
             print(f"{mode}, run {repeat + 1}/{args.repeats}: {throughput:.1f} samples/s")
 
     rows = results_table(results, args.steps, args.batch_size)
-    print("\n" + "\n".join(rows))
+    # Other processes slow both modes, but unevenly across runs: a load well above 1 (this benchmark)
+    # means the medians are noisy.
+    load = (
+        f"- Machine load (1-min load average): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, "
+        f"on {os.cpu_count()} cores"
+    )
+    print("\n" + "\n".join([*rows, "", load]))
     if not args.no_record:
         setup = (
             f"- Setup: quickstart-sized towers (test_efficientnet + 2-layer BERT-64), {args.image_size} px, "
             f"batch {args.batch_size}, LAMB (lr {LR}) + warm-up/linear decay, {args.warmup} untimed + "
             f"{args.steps} timed steps per run, {args.repeats} runs per mode in ABBA order"
         )
-        record(rows, setup)
+        record(rows, [setup, load])
         print(f"\nAppended to {RESULTS}")
 
 
