@@ -12,6 +12,7 @@ of a key does not change values interpolated from it) with three additions:
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from align_lightning._errors import ConfigError
 from align_lightning.callbacks import MetricsJSON
 from align_lightning.module import ALIGNModule
 
-__all__ = ["ALIGNCLI", "main", "recipe_names", "recipe_path", "recipes_dir", "run"]
+__all__ = ["ALIGNCLI", "TOOLS", "main", "recipe_names", "recipe_path", "recipes_dir", "run"]
 
 _TEXT_TOWER_VOCAB = "model.model.init_args.text_tower.init_args.vocab_size"
 
@@ -142,6 +143,23 @@ def run(args: Sequence[str] | None = None) -> ALIGNCLI:
     )
 
 
-def main() -> None:
-    """Entry point of ``python -m align_lightning`` and the ``align-lightning`` console script."""
-    run()
+#: Subcommands beside LightningCLI's, as ``name: (module, function)``; each function takes the
+#: arguments after the subcommand's name.
+TOOLS: dict[str, tuple[str, str]] = {
+    "filter": ("align_lightning.data.filtering", "main"),
+    "tokenizer": ("align_lightning.data.tokenizer", "main"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m align_lightning`` and the ``align-lightning`` console script.
+
+    ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; the tools in :data:`TOOLS`
+    (``filter``, ``tokenizer``) to their own parsers.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        module, function = TOOLS[args[0]]
+        getattr(importlib.import_module(module), function)(args[1:])
+        return
+    run(None if argv is None else args)
