@@ -16,7 +16,9 @@ class MetricsJSON(L.Callback):
     """Write the final metrics of ``fit``, ``validate`` and ``test`` to ``metrics.json`` in the run's log folder.
 
     The file maps each logged metric key (``train/loss``, ``val/demo/i2t_R@1``, ...) to its last
-    value; it is updated (not replaced) by each stage run against the same folder.
+    value, plus the DataModule's ``data_metrics()`` when it has them (``data/skipped/<reason>``
+    of :class:`~align_lightning.data.WebDataModule`); it is updated (not replaced) by each stage
+    run against the same folder.
 
     Args:
         filename: File name inside ``trainer.log_dir``.
@@ -33,7 +35,9 @@ class MetricsJSON(L.Callback):
             return
         path = Path(log_dir) / self.filename
         metrics = json.loads(path.read_text()) if path.is_file() else {}
-        for key, value in trainer.callback_metrics.items():
+        data_metrics = getattr(trainer.datamodule, "data_metrics", None)
+        extra = data_metrics() if callable(data_metrics) else {}
+        for key, value in {**trainer.callback_metrics, **extra}.items():
             value = float(value)
             metrics[key] = value if math.isfinite(value) else str(value)
         path.parent.mkdir(parents=True, exist_ok=True)

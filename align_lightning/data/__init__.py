@@ -4,6 +4,7 @@ from align_lightning.data.collate import ImageTextCollator, clean_caption
 from align_lightning.data.demo import DemoDataModule
 from align_lightning.data.tokenizer import load_tokenizer, train_wordpiece
 from align_lightning.data.transforms import image_transform
+from align_lightning.data.webdata import WebDataModule
 
 __all__ = [
     "DemoDataModule",
@@ -12,4 +13,5 @@ __all__ = [
     "image_transform",
     "load_tokenizer",
     "train_wordpiece",
+    "WebDataModule",
 ]
