@@ -263,6 +263,7 @@ class WebStreamDataset(IterableDataset):
         draft_side: Shorter side JPEG draft decoding may reduce to (``None``: full decode).
         drop_last: Drop each worker's final partial batch.
         strict_shards: An unreadable shard is fatal instead of skipped.
+        slot_offset: Dataloader worker ``i`` serves the jobs of local slot ``(i + slot_offset) % num_workers``.
     """
 
     def __init__(
@@ -278,6 +279,7 @@ class WebStreamDataset(IterableDataset):
         draft_side: int | None,
         drop_last: bool = False,
         strict_shards: bool = False,
+        slot_offset: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
@@ -291,6 +293,7 @@ class WebStreamDataset(IterableDataset):
         self.draft_side = draft_side
         self.drop_last = drop_last
         self.strict_shards = strict_shards
+        self.slot_offset = slot_offset
 
     def _decode(self, record: RawRecord) -> tuple[Tensor, str] | str:
         checked = check_record(record)
@@ -311,7 +314,10 @@ class WebStreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = self.rank * self.num_workers + (info.id if info is not None else 0)
+        # Rotating the slots makes the dataloader's round-robin over workers continue with the slot
+        # whose turn was next when the position was saved (same batch order after a resume).
+        local = ((info.id if info is not None else 0) + self.slot_offset) % self.num_workers
+        worker = self.rank * self.num_workers + local
         jobs = list(self.jobs[worker])
         quota = None if self.quotas is None else self.quotas[worker]
         reader = _StreamReader(self.config)
@@ -592,6 +598,7 @@ class WebDataModule(L.LightningDataModule):
         self._shard_skips: Counter[str] = Counter()
         self._last_logged_step = -1
         self._next_epoch = 0
+        self._last_slot: int | None = None
 
     # ----------------------------------------------------------------------------- helpers
     def _captions(self, urls: Sequence[str]) -> Iterator[str]:
@@ -695,15 +702,22 @@ class WebDataModule(L.LightningDataModule):
                 epoch = self.trainer.current_epoch
             else:  # used without Lightning: one epoch per pass, unless set_epoch says otherwise
                 epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
-            if self._restored is None or self._restored["epoch"] != epoch:
-                self._batches = 0
+            restored = self._restored
+            slot_offset = 0
+            if restored is None or restored["epoch"] != epoch:
+                self._batches, self._last_slot = 0, None
+            elif restored["layout"] == [world, workers]:
+                self._last_slot = restored["last_slots"][rank]
+                slot_offset = 0 if self._last_slot is None else (self._last_slot + 1) % workers
+            else:
+                self._last_slot = None
             jobs, quotas = self._plan(epoch)
             self._epoch = epoch
             own = range(rank * workers, (rank + 1) * workers)
             self._jobs = {g: jobs[g] for g in own}
             self._quotas = {g: (quotas[g] if quotas is not None else None) for g in own}
         else:
-            total = world * workers
+            total, slot_offset = world * workers, 0
             jobs, quotas = [[StreamJob(0, total, g, plan_ranks=world)] for g in range(total)], None
         transform = image_transform(
             self.image_size, train=train, resize_size=self.resize_size, normalize=self.normalize, hflip=self.hflip
@@ -720,6 +734,7 @@ class WebDataModule(L.LightningDataModule):
             draft_side=self.resize_size if self.draft_decode else None,
             drop_last=self.drop_last and train,
             strict_shards=self.strict_shards,
+            slot_offset=slot_offset,
         )
         return DataLoader(
             dataset,
@@ -737,6 +752,7 @@ class WebDataModule(L.LightningDataModule):
             return
         self._jobs[state["worker"]] = [StreamJob.from_dict(j) for j in state["jobs"]]
         self._quotas[state["worker"]] = state["quota"]
+        self._last_slot = state["worker"] % max(self.num_workers, 1)
         if state["samples"]:
             self._batches += 1
 
@@ -803,12 +819,14 @@ class WebDataModule(L.LightningDataModule):
         world, workers = self._world_size(), max(self.num_workers, 1)
         local = {g: [job.to_dict() for job in jobs] for g, jobs in self._jobs.items()}
         quotas = dict(self._quotas)
+        last_slots = [self._last_slot]
         if world > 1 and dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (local, quotas))
-            for other_jobs, other_quotas in gathered:
+            dist.all_gather_object(gathered, (local, quotas, self._last_slot))
+            for other_jobs, other_quotas, _ in gathered:
                 local.update(other_jobs)
                 quotas.update(other_quotas)
+            last_slots = [slot for _, _, slot in gathered]
         if self._epoch is None:
             return {"version": _STATE_VERSION, "epoch": None}
         return {
@@ -819,6 +837,7 @@ class WebDataModule(L.LightningDataModule):
             "restart": max((j.restart for js in self._jobs.values() for j in js), default=0),
             "jobs": [local.get(g, []) for g in range(world * workers)],
             "quotas": [quotas.get(g) for g in range(world * workers)],
+            "last_slots": last_slots,
             "samples": self._samples_seen,
             "skipped": dict(self._skipped),
         }
