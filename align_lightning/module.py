@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -109,7 +110,14 @@ class ALIGNModule(L.LightningModule):
         optimizer = self.optimizer(weight_decay_param_groups(self.model))
         scheduler = self.lr_scheduler(optimizer)
         if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "The learning-rate schedule needs the run's length, but the training data is a stream of unknown "
+                    "length. Set trainer.max_steps, or the DataModule's samples_per_epoch (WebDataModule), or "
+                    "lr_scheduler.init_args.total_steps."
+                )
+            scheduler.total_steps = int(total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import yaml
 
 from align_lightning.cli import recipes_dir, run
 from tests.conftest import TINY_BERT
+from tests.data.shard_utils import write_shards
 
 RECIPES = sorted(recipes_dir().glob("*.yaml"))
 
@@ -22,9 +23,16 @@ def _tiny(recipe: dict, tmp_path: Path) -> dict:
     text.update(config={k: v for k, v in TINY_BERT.items() if k != "vocab_size"}, pretrained=False)
     text.pop("model_name_or_path", None)
     encoder["embed_dim"] = None
-    recipe["data"]["init_args"].update(
-        num_train=32, num_val=16, batch_size=8, image_size=32, num_workers=0, tokenizer=None, vocab_size=200
-    )
+    data = recipe["data"]["init_args"]
+    data.update(batch_size=8, image_size=32, num_workers=0, tokenizer=None, vocab_size=200)
+    if recipe["data"]["class_path"].endswith("WebDataModule"):
+        shards = write_shards(str(tmp_path / "shards" / "{:02d}.tar"), 48, per_shard=16)
+        val = write_shards(str(tmp_path / "val" / "{:02d}.tar"), 16, per_shard=16)
+        data.update(train_urls=shards, val_urls=val, pin_memory=False)
+        if data.get("resampled"):
+            data["samples_per_epoch"] = 32
+    else:
+        data.update(num_train=32, num_val=16)
     trainer = recipe["trainer"]
     trainer.update(accelerator="cpu", devices=1, strategy="auto", default_root_dir=str(tmp_path))
     trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
