@@ -1,7 +1,7 @@
 """Data: DataModules, transforms, tokenizers and collation."""
 
 from align_lightning.data.collate import ImageTextCollator, clean_caption
-from align_lightning.data.demo import DemoDataModule
+from align_lightning.data.demo_datamodule import DemoDataModule
 from align_lightning.data.tokenizer import load_tokenizer, train_wordpiece
 from align_lightning.data.transforms import image_transform
 from align_lightning.data.webdata import WebDataModule

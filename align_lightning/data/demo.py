@@ -5,7 +5,9 @@ its alt-text describes a random subset of those attributes in one of several web
 Like web data, a fraction of the training pairs is noisy: some alt-texts belong to another image
 (mismatched), others are junk ("IMG_0412.JPG", "click to enlarge"). The held-out validation and
 test sets have clean, complete captions, so retrieval on them shows what the model learned
-despite the noise. Nothing is downloaded or stored: images are rendered on the fly from a seed.
+despite the noise. Nothing is downloaded: images are rendered from a seed.
+:mod:`align_lightning.data.demo_corpus` writes them in the formats of real data, and
+:class:`~align_lightning.data.DemoDataModule` trains from those.
 """
 
 from __future__ import annotations
@@ -13,17 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import lightning as L
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
 
-from align_lightning.data.collate import ImageTextCollator
-from align_lightning.data.tokenizer import load_tokenizer, train_wordpiece
-from align_lightning.data.transforms import image_transform
-
-__all__ = ["DemoDataModule", "DemoImageTextDataset", "DemoSample", "make_demo_samples", "render_demo_image"]
+__all__ = ["DemoSample", "make_demo_samples", "render_demo_image"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -41,17 +36,19 @@ SIZES = ("small", "large")
 POSITIONS = ("top", "middle", "bottom")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"light": (225, 222, 212), "dark": (45, 45, 55)}
 
+# Each phrasing names at least four of the five attributes: web alt-texts this generic (e.g. "red
+# circle") would be shared by more than 10 images and dropped by ALIGN's filter.
 _TEMPLATES = (
-    "a {size} {color} {shape}",
-    "{color} {shape} on a {background} background",
+    "a {size} {color} {shape} at the {position}",
+    "{color} {shape} on a {background} background, {size}",
     "photo of a {size} {color} {shape} at the {position}",
-    "{color} {shape} icon",
+    "{size} {color} {shape} icon on {background}",
     "stock image: {size} {color} {shape}, {position} of the frame",
-    "{shape} in {color}",
-    "cute {color} {shape} clipart on {background} background",
-    "{size} {shape}",
+    "{shape} in {color}, {position} of a {background} image",
+    "cute {size} {color} {shape} clipart on {background} background",
+    "{size} {shape} in {color} at the {position}",
     "a {color} {shape} near the {position} of a {background} picture",
-    "{Color} {shape} | free download",
+    "{Color} {size} {shape} on {background} | free download",
 )
 _VAL_TEMPLATE = "a {size} {color} {shape} at the {position} on a {background} background"
 _JUNK = (
@@ -180,121 +177,3 @@ def render_demo_image(sample: DemoSample, size: int, seed: int) -> Image.Image:
         draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=fill)
         draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=fill)
     return image
-
-
-class DemoImageTextDataset(Dataset):
-    """Map-style dataset of ``(pixels, caption)`` demo pairs, rendered on access.
-
-    Args:
-        samples: The pairs (see :func:`make_demo_samples`).
-        transform: Maps a PIL image to a float tensor.
-        render_size: Side of the rendered image before the transform.
-        seed: Base seed; item ``i`` is rendered with seed ``(seed, i)``.
-    """
-
-    def __init__(self, samples: list[DemoSample], transform: object, render_size: int, seed: int) -> None:
-        self.samples = samples
-        self.transform = transform
-        self.render_size = render_size
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        sample = self.samples[index]
-        image = render_demo_image(sample, self.render_size, seed=self.seed * 1_000_003 + index)
-        return self.transform(image), sample.caption
-
-
-class DemoDataModule(L.LightningDataModule):
-    """The quickstart's data: embedded, noisy, learnable image-text pairs (no download).
-
-    Training pairs are noisy like web alt-texts; validation/test pairs are clean and held out
-    (different seeds). The tokenizer is a WordPiece vocabulary learned from the training captions,
-    as ALIGN learned its own from its alt-texts, unless ``tokenizer`` names another one.
-
-    Args:
-        num_train: Number of training pairs.
-        num_val: Number of validation pairs (also the size of the test split).
-        image_size: Training/eval resolution (ALIGN uses 289; the quickstart uses 64 on CPU).
-        batch_size: Pairs per batch per device.
-        mismatch_rate: Fraction of training captions that belong to another image.
-        junk_rate: Fraction of training captions replaced by junk alt-text.
-        tokenizer: A Hugging Face tokenizer name or folder; ``None`` learns WordPiece from the
-            training captions.
-        vocab_size: Vocabulary size for the learned WordPiece tokenizer.
-        max_length: Maximum tokens per caption (ALIGN: 64).
-        normalize: Pixel normalisation: ``"align"`` ([-1, 1]), ``"imagenet"`` or ``"clip"``.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the whole data set.
-        name: Dataset name used in metric keys (``val/<name>/i2t_R@1``).
-    """
-
-    def __init__(
-        self,
-        num_train: int = 8192,
-        num_val: int = 512,
-        image_size: int = 64,
-        batch_size: int = 64,
-        mismatch_rate: float = 0.2,
-        junk_rate: float = 0.1,
-        tokenizer: str | None = None,
-        vocab_size: int = 1000,
-        max_length: int = 64,
-        normalize: Literal["align", "imagenet", "clip"] = "align",
-        num_workers: int = 0,
-        seed: int = 0,
-        name: str = "demo",
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.name = name
-        self.image_size = image_size
-        self.normalize = normalize
-        self.seed = seed
-        self.train_samples = make_demo_samples(num_train, seed, mismatch_rate, junk_rate)
-        self.val_samples = make_demo_samples(num_val, seed + 1)
-        self.test_samples = make_demo_samples(num_val, seed + 2)
-        if tokenizer is None:
-            self.tokenizer = train_wordpiece(
-                (s.caption for s in self.train_samples), vocab_size=vocab_size, max_length=max_length
-            )
-        else:
-            self.tokenizer = load_tokenizer(tokenizer, max_length=max_length)
-        self.collate = ImageTextCollator(self.tokenizer, max_length=max_length)
-
-    def _dataset(self, samples: list[DemoSample], train: bool, seed: int) -> DemoImageTextDataset:
-        transform = image_transform(self.image_size, train=train, normalize=self.normalize)
-        # Render a little larger than the ALIGN resize so the transform really resizes.
-        return DemoImageTextDataset(samples, transform, render_size=round(self.image_size * 1.5), seed=seed)
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            # Equal, full batches keep the number of in-batch negatives constant and ranks in step.
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Noisy training pairs, shuffled, full batches only."""
-        return self._loader(self._dataset(self.train_samples, train=True, seed=self.seed), train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Clean held-out pairs, in order."""
-        return self._loader(self._dataset(self.val_samples, train=False, seed=self.seed + 1), train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """A second clean held-out split, in order."""
-        return self._loader(self._dataset(self.test_samples, train=False, seed=self.seed + 2), train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The validation pairs, for writing embeddings."""
-        return self.val_dataloader()

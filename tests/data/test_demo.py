@@ -7,8 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from align_lightning.data import DemoDataModule
-from align_lightning.data.demo import COLORS, SHAPES, make_demo_samples, render_demo_image
+from align_lightning.data.demo import COLORS, make_demo_samples, render_demo_image
 
 
 def test_samples_are_deterministic_and_noisy_like_web_data() -> None:
@@ -36,18 +35,3 @@ def test_render_draws_the_described_colour() -> None:
     distance = np.abs(pixels - np.array(COLORS[sample.color])).sum(axis=1)
     assert (distance < 10).mean() > 0.05  # a large shape covers well over 5% of the image
     assert np.array_equal(np.asarray(render_demo_image(sample, 96, seed=0)), pixels.reshape(96, 96, 3))
-
-
-def test_datamodule_batches_and_learned_tokenizer() -> None:
-    dm = DemoDataModule(num_train=64, num_val=20, image_size=32, batch_size=16)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape == (16, 3, 32, 32)
-    assert batch["pixel_values"].min() >= -1
-    assert batch["pixel_values"].max() <= 1
-    assert batch["input_ids"].shape[0] == 16
-    vocab = dm.tokenizer.get_vocab()
-    assert all(shape in vocab for shape in SHAPES)  # learned from the training alt-texts
-    assert sum(len(b["input_ids"]) for b in dm.train_dataloader()) == 64  # drop_last, full batches
-    assert sum(len(b["input_ids"]) for b in dm.val_dataloader()) == 20  # every held-out pair
-    val_captions = {s.caption for s in dm.val_samples}
-    assert val_captions.isdisjoint({s.caption for s in dm.test_samples}) or dm.val_samples != dm.test_samples
