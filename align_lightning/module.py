@@ -112,13 +112,23 @@ class ALIGNModule(L.LightningModule):
         if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
             total = self.trainer.estimated_stepping_batches
             if not math.isfinite(total):
-                raise ValueError(
-                    "The learning-rate schedule needs the run's length, but the training data is a stream of unknown "
-                    "length. Set trainer.max_steps, or the DataModule's samples_per_epoch (WebDataModule), or "
-                    "lr_scheduler.init_args.total_steps."
-                )
+                total = self._estimated_steps_from_data()
             scheduler.total_steps = int(total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _estimated_steps_from_data(self) -> int:
+        """Optimizer steps of the run from a streaming DataModule's own epoch estimate."""
+        trainer = self.trainer
+        estimate = getattr(trainer.datamodule, "estimated_batches_per_epoch", None)
+        batches = estimate() if callable(estimate) else None
+        if batches is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise ValueError(
+                "The learning-rate schedule needs the run's length, but the training data is a stream of unknown "
+                "length. Set trainer.max_steps, or the DataModule's samples_per_epoch (WebDataModule), or "
+                "lr_scheduler.init_args.total_steps."
+            )
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * trainer.max_epochs
+        return steps if trainer.max_steps < 0 else min(steps, trainer.max_steps)
 
     # -- evaluation ------------------------------------------------------------------------------
 

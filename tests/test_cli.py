@@ -134,5 +134,5 @@ def test_recipes_interpolate(tmp_path: Path) -> None:
     changed.write_text(recipe.replace("max_length: 64", "max_length: 48"))
     cli = run(["fit", "--config", str(changed), *QUICK, f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.model.model.text_tower.model.config.max_position_embeddings == 48
-    assert cli.datamodule.collate.max_length == 48
+    assert cli.datamodule.collator.max_length == 48
     assert cli.model.model.text_tower.vocab_size == len(cli.datamodule.tokenizer)  # the link still applies

@@ -203,6 +203,9 @@ def iter_shard(
 ) -> Iterator[RawRecord | ShardDamage]:
     """Stream a shard's records; never raises for bad data or unavailable storage.
 
+    Configuration errors still raise (from :func:`open_shard`): a ``ValueError`` for a protocol
+    fsspec does not know and an ``ImportError`` when its package (e.g. ``s3fs``) is missing.
+
     Yields every complete record in order, then, if the shard is damaged or cannot be opened, one
     :class:`ShardDamage` (the record in progress when a tar breaks is lost with it). A read that
     fails mid-stream with an I/O error (a dropped connection) is retried by reopening the shard and
@@ -296,7 +299,8 @@ class ShardWriter:
     """Write samples as img2dataset-format tar shards through fsspec.
 
     Each shard is written under a temporary name and moved into place when complete, so an
-    interrupted writer never leaves a truncated shard behind under its final name.
+    interrupted writer never leaves a truncated shard behind under its final name (leaving the
+    ``with`` block by an exception deletes the shard in progress).
 
     Args:
         pattern: Output URL pattern with one ``{}``-style field for the shard number
@@ -337,7 +341,7 @@ class ShardWriter:
         if parent:
             fs.makedirs(parent, exist_ok=True)
         self._stream = fs.open(path + ".incomplete", "wb")
-        self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._count = 0
 
     def _finish(self) -> None:
@@ -378,5 +382,17 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Delete the shard in progress (its ``.incomplete`` file); finished shards stay."""
+        if self._tar is None or self._stream is None:
+            return
+        self._stream.close()
+        fs, path = fsspec.core.url_to_fs(self._url, **self.storage_options)
+        fs.rm(path + ".incomplete")
+        self._tar = self._stream = None

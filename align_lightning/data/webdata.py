@@ -483,8 +483,8 @@ class WebDataModule(L.LightningDataModule):
         resampled: Draw shards with replacement as an endless stream; ``samples_per_epoch``
             defines the epoch and every rank takes exactly the same number of full batches.
         samples_per_epoch: Resampled mode: samples per epoch over all ranks (required). Exactly-once
-            mode: optional, the corpus size, used only to tell Lightning the epoch length
-            (learning-rate schedules, progress bar).
+            mode: optional, the corpus size, used only to estimate the run's length for
+            learning-rate schedules (:meth:`estimated_batches_per_epoch`).
         drop_last: Drop each worker's final partial batch (exactly-once mode).
         equal_steps: Under DDP, keep ranks in step (one small all-reduce per batch; it also sums the
             skip counts over ranks). Required for training; turn it off only for consumers that
@@ -682,16 +682,26 @@ class WebDataModule(L.LightningDataModule):
         return _split_jobs([job for js in saved for job in js], total), None
 
     def _length(self, train: bool) -> int | None:
-        """Batches per rank per epoch when known (Lightning uses it for schedules and progress)."""
-        if not train:
-            return None
+        """Batches per rank per epoch, told to Lightning only when exact (resampled mode).
+
+        An exactly-once epoch's batch count depends on how many samples turn out corrupt, and
+        Lightning runs the end-of-epoch validation at the reported length: an estimate that is too
+        high would skip it, one too low would cut the epoch. See :meth:`estimated_batches_per_epoch`.
+        """
+        return self._batches_per_rank() if train and self.resampled else None
+
+    def estimated_batches_per_epoch(self) -> int | None:
+        """Training batches per rank per epoch: exact when resampled, else from ``samples_per_epoch``
+        (each worker may add one partial batch), else ``None`` (unknown).
+
+        :class:`~align_lightning.module.ALIGNModule` uses it to length its learning-rate schedule.
+        """
         if self.resampled:
             return self._batches_per_rank()
-        if self.samples_per_epoch:
-            # An upper bound: each worker may end its share with one partial batch.
-            batches = math.ceil(self.samples_per_epoch / (self._world_size() * self.batch_size))
-            return batches + (0 if self.drop_last else max(self.num_workers, 1))
-        return None
+        if not self.samples_per_epoch:
+            return None
+        batches = self.samples_per_epoch / (self._world_size() * self.batch_size)
+        return math.floor(batches) if self.drop_last else math.ceil(batches)
 
     def _make_loader(self, urls: Sequence[str], train: bool) -> DataLoader:
         """A fresh DataLoader for one pass: its workers receive this epoch's plan (and a restored position)."""
