@@ -60,7 +60,7 @@ from align_lightning.data.shards import (
     expand_urls,
     iter_shard,
 )
-from align_lightning.data.tokenizer import load_tokenizer, train_wordpiece
+from align_lightning.data.tokenizer import iter_captions, load_tokenizer, train_wordpiece
 from align_lightning.data.transforms import ALIGN_RESIZE_RATIO, image_transform
 
 __all__ = ["StreamJob", "StreamPosition", "WebDataModule", "WebStreamDataset"]
@@ -579,8 +579,15 @@ class WebDataModule(L.LightningDataModule):
         self.seed = seed
         if tokenizer is None:
             source = self.train_urls or self.val_urls
+            captions = iter_captions(
+                source,
+                storage_options=self.storage_options,
+                max_samples=tokenizer_samples,
+                retries=shard_retries,
+                backoff=retry_backoff,
+            )
             self.tokenizer = train_wordpiece(
-                itertools.islice(self._captions(source), tokenizer_samples),
+                captions,
                 vocab_size=vocab_size,
                 max_length=max_length,
             )
@@ -601,19 +608,6 @@ class WebDataModule(L.LightningDataModule):
         self._last_slot: int | None = None
 
     # ----------------------------------------------------------------------------- helpers
-    def _captions(self, urls: Sequence[str]) -> Iterator[str]:
-        for url in urls:
-            for record in iter_shard(url, self.storage_options, retries=self.shard_retries, backoff=self.retry_backoff):
-                if isinstance(record, ShardDamage):
-                    continue
-                checked = check_record(record)
-                if isinstance(checked, SkippedSample):
-                    continue
-                try:
-                    yield decode_caption(checked[2])
-                except UnicodeDecodeError:
-                    continue
-
     def _rank(self) -> int:
         if self.trainer is not None:
             return self.trainer.global_rank
