@@ -421,7 +421,8 @@ class _SyncedBatches:
                 counts[2] = float(state["samples"])
                 for i, reason in enumerate(SKIP_REASONS):
                     counts[3 + i] = float(state["skipped"].get(reason, 0))
-                dm._shard_skips.update(state["shard_skips"])
+                if self.training:
+                    dm._shard_skips.update(state["shard_skips"])
             if world > 1:
                 vector = torch.tensor(counts, dtype=torch.float64, device=device)
                 dist.all_reduce(vector)
@@ -429,11 +430,14 @@ class _SyncedBatches:
             if counts[1]:
                 message = state["fatal"] if state is not None and state["fatal"] else "a shard on another rank failed"
                 raise RuntimeError(f"Stopping: {message}")
-            dm._samples_seen += int(counts[2])
-            for i, reason in enumerate(SKIP_REASONS):
-                dm._skipped[reason] += int(counts[3 + i])
-            dm._check_skip_fraction()
+            if self.training:  # the counters describe the training stream
+                dm._samples_seen += int(counts[2])
+                for i, reason in enumerate(SKIP_REASONS):
+                    dm._skipped[reason] += int(counts[3 + i])
+                dm._check_skip_fraction()
             if counts[0] < world:  # some rank (maybe this one) has run out: all end the epoch here
+                if self.training:
+                    dm._log_data_metrics(epoch_end=True)
                 if batch is not None and "keys" in batch:
                     logger.info(
                         "Rank %d ends the epoch with data left (another rank ran out first); "
@@ -778,16 +782,18 @@ class WebDataModule(L.LightningDataModule):
         self._next_epoch = epoch
 
     def data_metrics(self) -> dict[str, float]:
-        """``data/skipped/<reason>`` counts (summed over ranks) and ``data/samples``, for this run."""
+        """Training-stream counters of this run, summed over ranks: ``data/skipped/<reason>`` and
+        ``data/samples`` (samples delivered in batches)."""
         metrics = {f"data/skipped/{reason}": float(self._skipped[reason]) for reason in SKIP_REASONS}
         metrics["data/samples"] = float(self._samples_seen)
         return metrics
 
-    def _log_data_metrics(self) -> None:
+    def _log_data_metrics(self, epoch_end: bool = False) -> None:
+        """Log the skip counters every ``log_every_n_steps`` steps and at each epoch's end (rank 0 writes)."""
         trainer = self.trainer
         if trainer is None or not trainer.loggers or trainer.global_step == self._last_logged_step:
             return
-        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) and not epoch_end:
             return
         self._last_logged_step = trainer.global_step
         for lightning_logger in trainer.loggers:

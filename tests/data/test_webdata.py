@@ -245,3 +245,41 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path: Path) -> 
     assert len(per_rank[0]) == len(per_rank[1]) > 0
     seen = Counter(key for lines in per_rank for line in lines for key in line.split(","))
     assert max(seen.values()) == 1
+
+
+class _FlakyFile(io.BytesIO):
+    """A file whose reads fail once with a connection error after ``fail_after`` bytes."""
+
+    def __init__(self, data: bytes, fail_after: int) -> None:
+        super().__init__(data)
+        self.fail_after = fail_after
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(size)
+
+
+def test_failed_opens_and_broken_reads_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from align_lightning.data import shards
+
+    url = write_shards(str(tmp_path / "{:02d}.tar"), 12, per_shard=12)[0]
+    data = Path(url).read_bytes()
+    attempts: list[str] = []
+
+    class _Opener:
+        def __init__(self, path: str, mode: str, **options: object) -> None:
+            self.path = path
+
+        def open(self) -> io.BytesIO:
+            attempts.append(self.path)
+            if len(attempts) == 1:
+                raise TimeoutError("network timeout")  # the first open fails
+            if len(attempts) == 2:
+                return _FlakyFile(data, fail_after=len(data) // 2)  # the second breaks mid-shard
+            return io.BytesIO(data)
+
+    monkeypatch.setattr(shards.fsspec, "open", _Opener)
+    keys = [record.key for record in shards.iter_shard(url, retries=2, backoff=0.01)]
+    assert keys == [f"{i:09d}" for i in range(12)]  # every record once, in order
+    assert len(attempts) == 3

@@ -80,6 +80,11 @@ def test_quickstart_end_to_end_short(tmp_path: Path) -> None:
     for key in ("train/loss", "train/temperature", "train/lr", "val/loss", "val/demo/i2t_R@1", "val/demo/t2i_R@1"):
         assert key in metrics, key
     assert (Path(cli.trainer.log_dir) / "metrics.csv").is_file()
+    # The demo corpus holds a truncated JPEG that ALIGN's filter (headers only) lets through:
+    # decoding finds it each epoch, skips it and counts it, in metrics.json and in the logger.
+    assert metrics["data/skipped/corrupt_image"] == 2
+    assert metrics["data/samples"] == cli.trainer.global_step * 64  # full batches (drop_last)
+    assert "data/skipped/corrupt_image" in (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0]
 
 
 @pytest.mark.slow
