@@ -111,7 +111,8 @@ class ALIGNModule(L.LightningModule):
         scheduler = self.lr_scheduler(optimizer)
         if isinstance(scheduler, WarmupLinearDecay) and scheduler.total_steps is None:
             total = self.trainer.estimated_stepping_batches
-            if not math.isfinite(total):
+            # Lightning answers inf, or max_steps (-1 when unset), for data without a length.
+            if not math.isfinite(total) or total < 1:
                 total = self._estimated_steps_from_data()
             scheduler.total_steps = int(total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

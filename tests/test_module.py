@@ -157,3 +157,18 @@ def test_predict_step_embeds(dual_encoder: DualEncoder, batch: dict) -> None:
     out = module.predict_step(batch, 0)
     assert out["image_embeds"].shape == out["text_embeds"].shape == (4, dual_encoder.embed_dim)
     assert set(module.predict_step({"pixel_values": batch["pixel_values"]}, 0)) == {"image_embeds"}
+
+
+def test_schedule_spans_the_run_over_a_stream_without_length(tmp_path: Path, datamodule: DemoDataModule) -> None:
+    """Shard streams have no length; the schedule's length comes from the DataModule's epoch estimate."""
+    module = _module(len(datamodule.tokenizer), lr_scheduler=partial(WarmupLinearDecay, warmup_steps=1))
+    trainer = _trainer(tmp_path, max_steps=-1, max_epochs=3, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    per_epoch = datamodule.estimated_batches_per_epoch()
+    assert per_epoch is not None
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 3 * per_epoch
+    assert trainer.global_step == 3 * (datamodule.samples_per_epoch // 8)  # full batches only
+
+    datamodule.samples_per_epoch = None  # nothing tells the stream's length: a clear error
+    with pytest.raises(ValueError, match="max_steps"):
+        _trainer(tmp_path, max_steps=-1, max_epochs=1).fit(_module(len(datamodule.tokenizer)), datamodule)

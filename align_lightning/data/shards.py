@@ -287,7 +287,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
             decode into an image (PIL raises several types).
     """
     image = Image.open(io.BytesIO(data))
-    if min_side is not None and image.format == "JPEG":
+    if min_side is not None and image.format in ("JPEG", "MPO"):  # MPO: phones' multi-picture JPEGs
         width, height = image.size
         scale = min_side / min(width, height)
         if scale < 0.5:
