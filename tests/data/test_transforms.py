@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from align_lightning.data import image_transform
 
@@ -25,8 +27,34 @@ def test_align_train_and_eval_shapes_and_range() -> None:
 
 def test_default_resize_is_alings_346_for_289() -> None:
     transform = image_transform(289, train=False)
-    resize = transform.transforms[0]
+    assert transform.resize_size == 346
+    resize = transform.tensor_pipeline.transforms[0]
     assert list(resize.size) == [346, 346]
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).normal(0, 12, (height, width, 3))
+    pixels = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1) + noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (1024, 768), (300, 300)])
+def test_fused_pil_path_equals_resize_then_crop(size: tuple[int, int]) -> None:
+    """The fused crop-resize gives torchvision's resize -> crop -> flip -> normalise pixels."""
+    image = _photo(*size)
+    transform = image_transform(289, train=True)
+    resized = F.to_image(F.resize(image, [346, 346], antialias=True))
+    for top, left, flip in [(0, 0, False), (57, 57, True), (13, 40, False), (28, 28, True)]:
+        expected = F.crop(resized, top, left, 289, 289)
+        if flip:
+            expected = F.horizontal_flip(expected)
+        expected = expected.float() / 127.5 - 1
+        # Within one 8-bit level on average: only rounding of the boundary weights differs.
+        assert (transform.crop(image, top, left, flip) - expected).abs().mean() < 1 / 127.5
+    # Evaluation takes the central crop, deterministically.
+    evaluation = image_transform(289, train=False)
+    torch.testing.assert_close(evaluation(image), evaluation.crop(image, 28, 28, False))
 
 
 def test_imagenet_normalisation_and_tensor_input() -> None:
