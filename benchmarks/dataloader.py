@@ -59,7 +59,6 @@ It prints a table and appends it, with the date, hardware, load, versions and co
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import gc
 import inspect
@@ -69,10 +68,8 @@ import logging
 import multiprocessing
 import os
 import platform
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,6 +88,7 @@ import torch
 import torchvision
 import transformers
 import webdataset
+from _results import RESULTS, append_entry, cpu_name, git_commit, memory_gib
 from open_clip.tokenizer import HFTokenizer
 from PIL import Image, ImageDraw, features
 
@@ -117,12 +115,6 @@ except ModuleNotFoundError as err:  # pragma: no cover - depends on the environm
 if "eof_value" in inspect.signature(webdataset.tariterators.tar_file_expander).parameters:
     open_clip_data.tar_file_expander = functools.partial(webdataset.tariterators.tar_file_expander, eof_value=None)
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
-RESULTS_HEADER = """# Benchmark results
-
-Dated entries appended by the scripts in this folder (newest last).
-"""
 SEED = 0
 IMAGE_SIZE = 289
 BATCH_SIZE = 64
@@ -457,50 +449,26 @@ def interpretation(cells: list[Cell]) -> str:
     )
 
 
-def _git_commit() -> str:
-    """The short commit of the checkout, flagged when the package has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "align_lightning"], cwd=REPO).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (+ uncommitted changes in align_lightning/)" if dirty else commit
-
-
 def environment(workers: list[int]) -> list[str]:
     """Markdown bullet lines describing the hardware and the library versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     jpeg = "libjpeg-turbo " if features.check_feature("libjpeg_turbo") else "libjpeg "
     return [
-        f"- Hardware: {cpu or platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores "
-        f"(nproc), {memory_gib:.0f} GiB RAM; {' and '.join(map(str, workers))} dataloader worker(s); CPU only",
+        f"- Hardware: {cpu_name()}, {len(os.sched_getaffinity(0))} cores "
+        f"(nproc), {memory_gib():.0f} GiB RAM; {' and '.join(map(str, workers))} dataloader worker(s); CPU only",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, Pillow {PIL.__version__} ({jpeg}{features.version('jpg')}), open_clip_torch "
         f"{open_clip.__version__}, webdataset {webdataset.__version__}, transformers {transformers.__version__}, "
-        f"tokenizers {tokenizers.__version__}, align_lightning commit {_git_commit()}",
+        f"tokenizers {tokenizers.__version__}, align_lightning commit {git_commit()}",
     ]
 
 
 def record(rows: list[str], notes: list[str], workers: list[int]) -> None:
     """Append a dated entry to ``benchmarks/RESULTS.md`` (created if missing; never rewritten)."""
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = [
-        f"\n## {stamp} - dataloader.py: WebDataModule vs open_clip webdataset loader, samples/s per worker\n",
-        *environment(workers),
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        *notes,
-        "",
-        *rows,
-    ]
-    with RESULTS.open("a") as f:
-        f.write("\n".join(entry) + "\n")
+    append_entry(
+        "dataloader.py: WebDataModule vs open_clip webdataset loader, samples/s per worker",
+        [*environment(workers), *notes],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,16 +27,12 @@ measures. It prints a table and appends it, with the date, hardware, versions an
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import logging
 import multiprocessing
 import os
 import platform
-import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,17 +42,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import PIL
+from _results import RESULTS, append_entry, cpu_name, git_commit, memory_gib
 from PIL import Image, ImageDraw
 
 from align_lightning.data.filtering import RULES, FilterConfig, filter_shards
 from align_lightning.data.shards import RawRecord, ShardWriter, iter_shard
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
-RESULTS_HEADER = """# Benchmark results
-
-Dated entries appended by the scripts in this folder (newest last).
-"""
 SEED = 0
 NOISE_SHAPE = (800, 1100, 3)
 WORD_LIST = (
@@ -225,28 +216,13 @@ def run_filter(urls: list[str], workers: int, config: FilterConfig, exclude: lis
     return Run(mode, seconds, report["totals"]["input"], report)
 
 
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "align_lightning"], cwd=REPO, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (+ uncommitted changes in align_lightning/)" if dirty.stdout.strip() else commit
-
-
 def environment(workers: int) -> list[str]:
     """Markdown bullet lines: hardware and versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return [
-        f"- Hardware: {cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores (nproc), "
-        f"{memory_gib:.0f} GiB RAM; {workers} worker processes; CPU only",
+        f"- Hardware: {cpu_name()}, {os.cpu_count()} cores (nproc), "
+        f"{memory_gib():.0f} GiB RAM; {workers} worker processes; CPU only",
         f"- Versions: Python {platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, "
-        f"fsspec {fsspec.__version__}, align_lightning commit {_git_commit()}",
+        f"fsspec {fsspec.__version__}, align_lightning commit {git_commit()}",
     ]
 
 
@@ -285,19 +261,7 @@ def near_duplicates_line(report: dict[str, Any], copies: int) -> str:
 
 
 def record(rows: list[str], notes: list[str], workers: int) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    entry = [
-        f"\n## {stamp} - filter.py: ALIGN filtering tool vs reading the shards\n",
-        *environment(workers),
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        *notes,
-        "",
-        *rows,
-    ]
-    with RESULTS.open("a") as f:
-        f.write("\n".join(entry) + "\n")
+    append_entry("filter.py: ALIGN filtering tool vs reading the shards", [*environment(workers), *notes], rows)
 
 
 def parse_args() -> argparse.Namespace:

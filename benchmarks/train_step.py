@@ -26,24 +26,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import logging
 import os
 import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import timm
 import torch
 import transformers
+from _results import RESULTS, append_entry, cpu_name, git_commit, memory_gib
 from timm.optim import Lamb
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -56,15 +52,6 @@ from align_lightning.optim import WarmupLinearDecay, weight_decay_param_groups
 
 Batch = dict[str, Tensor]
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
-RESULTS_HEADER = """# Benchmark results
-
-Dated entries appended by the scripts in this folder (newest last). Each entry records the date, the
-hardware, the library versions and the exact command, so that a number can be reproduced or compared
-only with numbers measured on the same machine. `train_step.py` compares the training throughput of
-`ALIGNModule` under the Lightning Trainer with a plain PyTorch loop over the same model, data and optimiser.
-"""
 TEXT_CONFIG = {
     "model_type": "bert",
     "hidden_size": 64,
@@ -237,29 +224,13 @@ def run_lightning(model: DualEncoder, loss_fn: ContrastiveLoss, batches: list[Ba
     return RunResult(timer.end - timer.start, float(trainer.callback_metrics["train/loss"]))
 
 
-def _git_commit() -> str:
-    """The short commit of the checkout, flagged when the package has uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "align_lightning"], cwd=REPO).returncode
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{commit} (+ uncommitted changes in align_lightning/)" if dirty else commit
-
-
 def environment() -> list[str]:
     """Markdown bullet lines describing the hardware and the library versions."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return [
-        f"- Hardware: {cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{memory_gib:.0f} GiB RAM; torch threads {torch.get_num_threads()}; run on CPU",
+        f"- Hardware: {cpu_name()}, {os.cpu_count()} cores, "
+        f"{memory_gib():.0f} GiB RAM; torch threads {torch.get_num_threads()}; run on CPU",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}, "
-        f"timm {timm.__version__}, transformers {transformers.__version__}, align_lightning commit {_git_commit()}",
+        f"timm {timm.__version__}, transformers {transformers.__version__}, align_lightning commit {git_commit()}",
     ]
 
 
@@ -291,26 +262,7 @@ def results_table(results: dict[str, list[RunResult]], steps: int, batch_size: i
 
 
 def record(rows: list[str], notes: list[str]) -> None:
-    """Append a dated entry to ``benchmarks/RESULTS.md``, creating the file if needed.
-
-    Args:
-        rows: The table's lines.
-        notes: Markdown bullet lines on the benchmark's settings and conditions.
-    """
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = shlex.join(["python", *sys.argv])
-    entry = [
-        f"\n## {stamp} - train_step.py: Lightning vs plain PyTorch loop\n",
-        *environment(),
-        f"- Command: `{command}`",
-        *notes,
-        "",
-        *rows,
-    ]
-    with RESULTS.open("a") as f:
-        f.write("\n".join(entry) + "\n")
+    append_entry("train_step.py: Lightning vs plain PyTorch loop", [*environment(), *notes], rows)
 
 
 def parse_args() -> argparse.Namespace:
