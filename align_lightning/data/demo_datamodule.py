@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,11 @@ from align_lightning.data.demo_corpus import DemoCorpus, write_demo_corpus
 from align_lightning.data.filtering import FilterConfig, filter_shards
 from align_lightning.data.shards import ShardWriter
 from align_lightning.data.webdata import WebDataModule, _SyncedBatches
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the corpus writer is still atomic and race-safe
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["DemoDataModule"]
 
@@ -84,7 +88,8 @@ class DemoDataModule(WebDataModule):
         # One writer at a time across processes (e.g. DDP ranks started by torchrun); the others
         # then find everything written and return at once.
         with open(folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             self.corpus = write_demo_corpus(
                 folder / "corpus", num_train=num_train, num_eval=num_val, image_size=render_size, seed=seed
             )
