@@ -89,6 +89,7 @@ import torchvision
 import transformers
 import webdataset
 from _results import RESULTS, append_entry, cpu_name, git_commit, memory_gib
+from _synthetic import WORDS
 from open_clip.tokenizer import HFTokenizer
 from PIL import Image, ImageDraw, features
 
@@ -133,19 +134,6 @@ NOISE_SIGMA = 9.0
 OURS, OURS_NO_DRAFT = "ours (WebDataModule)", "ours, draft_decode=False"
 OPEN_CLIP, OPEN_CLIP_ALIGN = "open_clip get_wds_dataset", "open_clip + ALIGN transform"
 
-WORD_LIST = (
-    "the a of and in on with for at by from to new old red blue green black white small large big little "
-    "happy young beautiful modern vintage wooden summer winter night morning city street beach mountain river "
-    "lake forest park garden house home kitchen room table chair door window car bike boat train plane road "
-    "bridge tower church building dog cat bird horse cow fish flower tree grass sky cloud sun snow water fire "
-    "man woman boy girl child family people couple friends team player person portrait face hand shoes dress "
-    "shirt hat bag cake food coffee pizza bread fruit apple wedding party festival concert game match photo "
-    "view landscape sunset sunrise background texture pattern design logo icon art painting drawing poster "
-    "illustration vector isolated closeup detail interior exterior aerial top side front back walking running "
-    "sitting standing playing eating holding looking smiling wearing under over near inside outside during "
-    "after before best top free cheap sale buy online shop store brand quality style fashion travel holiday"
-)
-WORDS = WORD_LIST.split()  # roughly by frequency: Zipf ranks index it
 ZIPF = 1.0 / np.arange(1, len(WORDS) + 1)
 ZIPF /= ZIPF.sum()
 BRANDS = ("Nike", "IKEA", "Samsung", "Canon", "Zara", "Lego", "Bosch", "Sony", "Adidas", "Philips")

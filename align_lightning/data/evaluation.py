@@ -210,6 +210,13 @@ def _loader(dataset: Dataset, datamodule: pl.LightningDataModule, collate_fn: An
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_loader_args(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "must be positive.")
+    if num_workers < 0:
+        raise ConfigError("num_workers", num_workers, "must be non-negative.")
+
+
 class RetrievalDataModule(pl.LightningDataModule):
     """Image-text retrieval evaluation data from a Karpathy split JSON (Flickr30K, COCO, or any in that format).
 
@@ -256,10 +263,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_workers: int = 4,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "must be positive.")
-        if num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "must be non-negative.")
+        _check_loader_args(batch_size, num_workers)
         self.annotations = Path(annotations)
         self.image_root = Path(image_root)
         self.split = split
@@ -478,10 +482,7 @@ class ZeroShotDataModule(pl.LightningDataModule):
         num_workers: int = 4,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "must be positive.")
-        if num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "must be non-negative.")
+        _check_loader_args(batch_size, num_workers)
         self.root = Path(root)
         self.classnames_arg = classnames
         self.templates = _resolve_templates(templates)
