@@ -106,3 +106,31 @@ def test_ddp_two_ranks_equal_one_process(corpus, train_data, tmp_path: Path) -> 
     for key, value in single.items():
         if key.startswith(("val/demo_ret/", "val/demo_zs/")):
             assert ddp[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_every_n_steps_evaluates_during_training(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    retrieval, zeroshot = _callbacks(corpus)
+    retrieval.every_n_steps = 2
+    calls: list[int] = []
+    original = retrieval.run
+
+    def counted(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        calls.append(trainer.global_step)
+        return original(trainer, pl_module, stage)
+
+    retrieval.run = counted  # type: ignore[method-assign]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        limit_val_batches=0,  # no validation loop: only the step schedule evaluates
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[retrieval],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(_module(len(train_data.tokenizer)), datamodule=train_data)
+    assert calls == [2, 4]
+    assert "val/demo_ret/i2t_R@1" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="every_n_steps"):
+        RetrievalEvalCallback(retrieval.datamodule, every_n_steps=0)
