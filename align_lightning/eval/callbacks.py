@@ -51,6 +51,12 @@ def gather_rows(rows: Tensor, index: Tensor) -> Tensor:
     """
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
+        # A rank with nothing to evaluate (fewer items than ranks) does not know the row shape: ask.
+        shapes: list[Any] = [None] * world
+        dist.all_gather_object(shapes, tuple(rows.shape[1:]) if rows.shape[0] else None)
+        known = next((shape for shape in shapes if shape is not None), None)
+        if known is not None and rows.shape[0] == 0:
+            rows = rows.new_zeros((0, *known))
         count = torch.tensor([rows.shape[0]], device=rows.device)
         counts = [torch.zeros_like(count) for _ in range(world)]
         dist.all_gather(counts, count)

@@ -134,3 +134,40 @@ def test_every_n_steps_evaluates_during_training(corpus, train_data, tmp_path: P
     assert "val/demo_ret/i2t_R@1" in trainer.callback_metrics
     with pytest.raises(ValueError, match="every_n_steps"):
         RetrievalEvalCallback(retrieval.datamodule, every_n_steps=0)
+
+
+def _gather_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from align_lightning.eval.callbacks import gather_rows
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # 3 rows over 2 ranks, interleaved indices; then 1 row: rank 1 has none.
+        index = torch.tensor([0, 2]) if rank == 0 else torch.tensor([1])
+        rows = torch.stack([torch.full((4,), float(i)) for i in index.tolist()])
+        first = gather_rows(rows, index)
+        one = gather_rows(
+            torch.ones(1, 4) if rank == 0 else torch.empty(0), torch.tensor([0] if rank == 0 else []).long()
+        )
+        torch.save({"first": first, "one": one}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_rows_orders_by_index_and_handles_an_empty_rank(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_on_two_ranks, args=(port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["first"], torch.arange(3.0).unsqueeze(1).expand(3, 4))
+        torch.testing.assert_close(result["one"], torch.ones(1, 4))
