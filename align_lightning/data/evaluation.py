@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from align_lightning._errors import ConfigError
+from align_lightning.data._ranks import rank_and_world
 from align_lightning.data.collate import ImageTextCollator
 from align_lightning.data.shards import decode_image
 from align_lightning.data.tokenizer import load_tokenizer
@@ -113,16 +113,6 @@ class ContiguousShardSampler(DistributedSampler):
         return len(self.indices)
 
 
-def _rank_and_world(datamodule: pl.LightningDataModule) -> tuple[int, int]:
-    """``(rank, world_size)`` from the attached trainer, else torch.distributed, else ``(0, 1)``."""
-    trainer = getattr(datamodule, "trainer", None)
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # --------------------------------------------------------------------------------------------------
 # Datasets and collation
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ def _check_images_exist(paths: Sequence[str], image_root: str | os.PathLike[str]
 
 def _loader(dataset: Dataset, datamodule: pl.LightningDataModule, collate_fn: Any = None) -> DataLoader:
     """A sequential loader over this rank's contiguous share of ``dataset``."""
-    rank, world = _rank_and_world(datamodule)
+    rank, world = rank_and_world(datamodule)
     num_workers: int = datamodule.num_workers  # type: ignore[attr-defined]
     return DataLoader(
         dataset,

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from align_lightning.data._ranks import rank_and_world
 from align_lightning.data.collate import ImageTextCollator
 from align_lightning.data.shards import (
     SKIP_REASONS,
@@ -613,14 +614,10 @@ class WebDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- helpers
     def _rank(self) -> int:
-        if self.trainer is not None:
-            return self.trainer.global_rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return rank_and_world(self)[0]
 
     def _world_size(self) -> int:
-        if self.trainer is not None:
-            return self.trainer.world_size
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return rank_and_world(self)[1]
 
     def _sync_device(self) -> torch.device:
         if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
