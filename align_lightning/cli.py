@@ -4,7 +4,9 @@ This is Lightning's ``LightningCLI`` (``parser_mode="omegaconf"``, so recipes ma
 ``${...}``; interpolations are resolved when the recipe file is loaded, so a command-line override
 of a key does not change values interpolated from it) with three additions:
 
-* the data's tokenizer sets the text tower's vocabulary size (one source of truth);
+* the data's tokenizer sets the text tower's vocabulary size (one source of truth); with
+  ``--ckpt_path`` and data without a tokenizer (an evaluation set), the checkpoint's model
+  configuration keeps its own (the tokenizer itself is restored from the checkpoint);
 * a recipe given by name or as ``recipes/<name>.yaml`` resolves to the copy shipped in the package
   when no such file exists (so recipes work from an installed wheel);
 * a bad value found while building the recipe's objects is reported with its full dotted key.
@@ -76,11 +78,6 @@ def _resolve_config_args(args: Sequence[str]) -> list[str]:
     return resolved
 
 
-def _tokenizer_vocab_size(data: LightningDataModule) -> int | None:
-    tokenizer = getattr(data, "tokenizer", None)
-    return None if tokenizer is None else len(tokenizer)
-
-
 def _find_key(config: Any, param: str, value: Any, prefix: str = "") -> Iterator[str]:
     """Yield the dotted keys in ``config`` whose last part is ``param`` and whose value is ``value``."""
     items = config.items() if hasattr(config, "items") else []
@@ -91,13 +88,37 @@ def _find_key(config: Any, param: str, value: Any, prefix: str = "") -> Iterator
         yield from _find_key(child, param, value, dotted)
 
 
+def _get_dotted(config: Any, key: str) -> Any:
+    """``config[a][b]...`` for ``key = "a.b..."`` in nested namespaces / dicts; ``None`` where absent."""
+    for part in key.split("."):
+        if config is None:
+            return None
+        config = config.get(part) if hasattr(config, "get") else getattr(config, part, None)
+    return config
+
+
 class ALIGNCLI(LightningCLI):
     """``LightningCLI`` for :class:`~align_lightning.module.ALIGNModule` and any DataModule."""
+
+    _checkpoint_vocab_size: int | None = None
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Add the metrics.json writer (always on) and link the data's tokenizer to the text tower's vocabulary."""
         parser.add_lightning_class_args(MetricsJSON, "metrics_json")
-        parser.link_arguments("data", _TEXT_TOWER_VOCAB, compute_fn=_tokenizer_vocab_size, apply_on="instantiate")
+        parser.link_arguments("data", _TEXT_TOWER_VOCAB, compute_fn=self._vocab_size, apply_on="instantiate")
+
+    def _vocab_size(self, data: LightningDataModule) -> int | None:
+        """The text tower's vocabulary: the data's tokenizer's size, else the checkpoint's model's."""
+        tokenizer = getattr(data, "tokenizer", None)
+        return self._checkpoint_vocab_size if tokenizer is None else len(tokenizer)
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's configuration from ``--ckpt_path`` (Lightning), remembering its vocabulary size."""
+        super()._parse_ckpt_path()
+        if self.config.get("subcommand"):
+            model = self.config[self.config.subcommand].get("model")
+            vocab = _get_dotted(model, _TEXT_TOWER_VOCAB.split(".", 1)[1])
+            self._checkpoint_vocab_size = vocab if isinstance(vocab, int) else None
 
     def instantiate_classes(self) -> None:
         """Build the recipe's objects; a :class:`ConfigError` is re-raised naming its full key."""

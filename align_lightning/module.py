@@ -11,7 +11,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
+from align_lightning.data.tokenizer import tokenizer_from_files, tokenizer_to_files
+from align_lightning.eval.callbacks import EvaluationCallback, embed_batch
 from align_lightning.eval.retrieval import retrieval_metrics
 from align_lightning.losses.contrastive import ContrastiveLoss
 from align_lightning.model.dual_encoder import DualEncoder
@@ -40,6 +43,15 @@ class ALIGNModule(L.LightningModule):
     Logged: ``train/loss`` (+ ``train/loss_i2t``, ``train/loss_t2i``), ``train/temperature``,
     ``train/lr``, ``train/samples_per_sec`` (global); ``val/loss`` and held-out retrieval recall
     ``val/<dataset>/i2t_R@k`` / ``t2i_R@k`` over the whole validation set (``test/...`` likewise).
+
+    Validation / test batches of image-text pairs give the loss and that recall; batches of an
+    evaluation set (with an ``index``: :class:`~align_lightning.data.RetrievalDataModule`,
+    :class:`~align_lightning.data.ZeroShotDataModule`) are embedded and returned, for the
+    evaluation callback that computes their metrics (``validate`` / ``test`` with an evaluation
+    recipe).
+
+    The text tower's tokenizer (:attr:`tokenizer`, taken from the DataModule) is saved in every
+    checkpoint and restored with it, so a checkpoint is evaluated or used without the training data.
 
     Args:
         model: The dual encoder.
@@ -72,6 +84,32 @@ class ALIGNModule(L.LightningModule):
         self.retrieval_ks = tuple(retrieval_ks)
         self._eval_embeds: list[tuple[Tensor, Tensor]] = []
         self._last_step_time: float | None = None
+        #: The text tower's tokenizer: the DataModule's, or the one restored from a checkpoint.
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self._tokenizer_files: tuple[int, dict[str, str]] | None = None
+
+    # -- tokenizer and checkpoints -----------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Adopt the DataModule's tokenizer (a checkpoint's, restored later, takes precedence)."""
+        datamodule = self.trainer.datamodule
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = getattr(datamodule, "tokenizer", None)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the tokenizer's files with the weights."""
+        if self.tokenizer is None:
+            return
+        if self._tokenizer_files is None or self._tokenizer_files[0] != id(self.tokenizer):
+            self._tokenizer_files = (id(self.tokenizer), tokenizer_to_files(self.tokenizer))
+        checkpoint["tokenizer"] = self._tokenizer_files[1]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the tokenizer saved with the weights."""
+        files = checkpoint.get("tokenizer")
+        if files:
+            self.tokenizer = tokenizer_from_files(files)
+            self._tokenizer_files = (id(self.tokenizer), dict(files))
 
     # -- training --------------------------------------------------------------------------------
 
@@ -159,13 +197,33 @@ class ALIGNModule(L.LightningModule):
             )
             rank_zero_info(f"{stage}/{name} retrieval, {len(texts)} held-out pairs, step {self.global_step}: {summary}")
 
+    def _check_evaluated(self) -> None:
+        """An evaluation set as the trainer's data needs the callback that turns its embeddings into metrics."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "image_dataloader"):
+            return
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(cb, EvaluationCallback) and cb.evaluates_trainer_data(self.trainer) for cb in callbacks):
+            kind = "ZeroShotEvalCallback" if hasattr(datamodule, "classnames") else "RetrievalEvalCallback"
+            raise ValueError(
+                f"The data is the evaluation set {getattr(datamodule, 'name', '?')!r}, but no callback evaluates it: "
+                f"add align_lightning.eval.{kind} to trainer.callbacks (as recipes/eval_*.yaml do)."
+            )
+
     def on_validation_epoch_start(self) -> None:
         """Start collecting validation embeddings."""
         self._eval_embeds.clear()
+        self._check_evaluated()
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Validation loss on a held-out batch; embeddings kept for the epoch's retrieval recall."""
+    def validation_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor] | None:
+        """Validation loss on a held-out pair batch (embeddings kept for the epoch's recall); an evaluation
+        set's batch is embedded and returned for its callback."""
+        if "index" in batch:
+            return embed_batch(self.model, batch)
         self._eval_step(batch, "val")
+        return None
 
     def on_validation_epoch_end(self) -> None:
         """Retrieval recall@K over the whole validation set."""
@@ -174,20 +232,20 @@ class ALIGNModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         """Start collecting test embeddings."""
         self._eval_embeds.clear()
+        self._check_evaluated()
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Test loss on a held-out batch; embeddings kept for the epoch's retrieval recall."""
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        """Test loss on a held-out pair batch; an evaluation set's batch is embedded and returned."""
+        if "index" in batch:
+            return embed_batch(self.model, batch)
         self._eval_step(batch, "test")
+        return None
 
     def on_test_epoch_end(self) -> None:
         """Retrieval recall@K over the whole test set."""
         self._eval_epoch_end("test")
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Embed whatever the batch holds: ``image_embeds`` for ``pixel_values``, ``text_embeds`` for ``input_ids``."""
-        out = {}
-        if "pixel_values" in batch:
-            out["image_embeds"] = self.model.encode_image(batch["pixel_values"])
-        if "input_ids" in batch:
-            out["text_embeds"] = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
-        return out
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Embed whatever the batch holds: ``image_embeds`` for ``pixel_values``, ``text_embeds`` for
+        ``input_ids`` (plus the batch's ``index`` / ``target`` when it has them)."""
+        return embed_batch(self.model, batch)

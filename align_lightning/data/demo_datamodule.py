@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align_lightning.data.demo_corpus import DemoCorpus, write_demo_corpus
+from align_lightning.data.evaluation import RetrievalDataModule, ZeroShotDataModule
 from align_lightning.data.filtering import FilterConfig, filter_shards
 from align_lightning.data.shards import ShardWriter
 from align_lightning.data.webdata import WebDataModule, _SyncedBatches
@@ -125,6 +126,42 @@ class DemoDataModule(WebDataModule):
             name=name,
         )
         self.save_hyperparameters()
+
+    def retrieval_datamodule(self) -> RetrievalDataModule:
+        """The held-out retrieval set in Karpathy format: the test split (``num_val`` images, 5 captions each).
+
+        Named ``demo_retrieval`` in metric keys; a :class:`~align_lightning.eval.RetrievalEvalCallback`
+        without a ``datamodule`` evaluates it (as the quickstart recipe does).
+        """
+        return RetrievalDataModule(
+            self.corpus.karpathy_json,
+            self.corpus.image_root,
+            split="test",
+            name="demo_retrieval",
+            image_size=self.hparams.image_size,
+            normalize=self.hparams.normalize,
+            tokenizer=self.tokenizer,
+            max_length=self.hparams.max_length,
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def zeroshot_datamodule(self) -> ZeroShotDataModule:
+        """The held-out zero-shot set (ImageFolder, one class per colour and shape, the corpus's templates).
+
+        Named ``demo_zeroshot`` in metric keys; a :class:`~align_lightning.eval.ZeroShotEvalCallback`
+        without a ``datamodule`` evaluates it.
+        """
+        return ZeroShotDataModule(
+            self.corpus.zeroshot_root,
+            classnames=str(self.corpus.classnames_file),
+            templates=str(self.corpus.templates_file),
+            name="demo_zeroshot",
+            image_size=self.hparams.image_size,
+            normalize=self.hparams.normalize,
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+        )
 
     def test_dataloader(self) -> Any:
         """The held-out test split (a second clean split, in order)."""

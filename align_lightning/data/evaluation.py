@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from transformers import PreTrainedTokenizerBase
 
 from align_lightning._errors import ConfigError
@@ -168,6 +168,34 @@ class _CaptionCollator:
         return {**text, "index": torch.tensor(list(indices), dtype=torch.long)}
 
 
+class _RetrievalBatches(Dataset):
+    """One rank's image batches, then its caption batches, one dataset item per batch.
+
+    Serves a whole retrieval set through a single loader (``batch_size=None``), so a Trainer's
+    evaluation loop sees one dataloader (one metrics table) and no batch mixes images and captions.
+    """
+
+    def __init__(
+        self, images: _ImageFiles, captions: _CaptionCollator, batch_size: int, rank: int, world_size: int
+    ) -> None:
+        self.images = images
+        self.captions = captions
+        image_share = shard_range(len(images), rank, world_size)
+        caption_share = shard_range(len(captions.captions), rank, world_size)
+        self.batches: list[tuple[str, range]] = [
+            ("image", image_share[start : start + batch_size]) for start in range(0, len(image_share), batch_size)
+        ] + [("text", caption_share[start : start + batch_size]) for start in range(0, len(caption_share), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        kind, items = self.batches[index]
+        if kind == "image":
+            return default_collate([self.images[i] for i in items])
+        return self.captions(list(items))
+
+
 def _check_images_exist(paths: Sequence[str], image_root: str | os.PathLike[str], what: str) -> None:
     """Raise ``FileNotFoundError`` naming the first missing image files and the image root."""
     missing = [path for path in paths if not os.path.exists(path)]
@@ -218,8 +246,10 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     Loaders: :meth:`image_dataloader` (each image once, ``{"pixel_values", "index"}``) and
     :meth:`text_dataloader` (captions tokenised per batch, ``{"input_ids", "attention_mask", "index"}``);
-    ``val_dataloader`` / ``test_dataloader`` / ``predict_dataloader`` return both, in that order.
-    Under DDP each rank gets a contiguous share without padding; ``index`` is global.
+    ``val_dataloader`` / ``test_dataloader`` / ``predict_dataloader`` give one loader of the image
+    batches followed by the caption batches (for a Trainer's loop with
+    :class:`~align_lightning.eval.RetrievalEvalCallback`). Under DDP each rank gets a contiguous
+    share without padding; ``index`` is global.
 
     Args:
         annotations: Path of the Karpathy split JSON.
@@ -230,8 +260,9 @@ class RetrievalDataModule(pl.LightningDataModule):
         resize_size: Square resize before the center crop; default ``round(image_size * 346 / 289)``.
         normalize: Pixel normalisation (``"align"``, ``"imagenet"``, ``"clip"`` or ``(mean, std)``);
             use the training DataModule's.
-        tokenizer: A tokenizer, a hub name or folder (loaded with ``load_tokenizer``), or ``None``
-            to set it later with :meth:`set_tokenizer` (e.g. the training DataModule's, passed by an
+        tokenizer: A tokenizer, a hub name or folder (loaded with ``load_tokenizer``), or ``None``:
+            under a Trainer, the model's (``ALIGNModule.tokenizer``, restored from its checkpoint), or
+            one set with :meth:`set_tokenizer` (e.g. the training DataModule's, passed by an
             evaluation callback) before the text loader is built.
         max_length: Maximum tokens per caption (ALIGN: 64).
         batch_size: Items per batch per rank.
@@ -373,6 +404,12 @@ class RetrievalDataModule(pl.LightningDataModule):
             RuntimeError: If no tokenizer was given or set.
         """
         if self.tokenizer is None:
+            # Under a Trainer: the model's own tokenizer (ALIGNModule restores it from its checkpoint).
+            trainer = getattr(self, "trainer", None)
+            model_tokenizer = getattr(trainer.lightning_module, "tokenizer", None) if trainer is not None else None
+            if model_tokenizer is not None:
+                self.set_tokenizer(model_tokenizer)
+        if self.tokenizer is None:
             raise RuntimeError(
                 f"RetrievalDataModule({self.name!r}) has no tokenizer: pass tokenizer=... (a tokenizer, hub name or "
                 "folder) or call set_tokenizer(...) with the training DataModule's tokenizer before building the "
@@ -381,17 +418,34 @@ class RetrievalDataModule(pl.LightningDataModule):
         collator = ImageTextCollator(self.tokenizer, max_length=self.max_length)
         return _loader(_Indices(len(self.captions)), self, collate_fn=_CaptionCollator(self.captions, collator))
 
-    def val_dataloader(self) -> list[DataLoader]:
-        """``[image_loader, text_loader]`` (dataloader_idx 0 and 1)."""
-        return [self.image_dataloader(), self.text_dataloader()]
+    def evaluation_dataloader(self) -> DataLoader:
+        """One loader: this rank's image batches, then its caption batches (same items as the two loaders).
 
-    def test_dataloader(self) -> list[DataLoader]:
-        """``[image_loader, text_loader]`` (dataloader_idx 0 and 1)."""
-        return self.val_dataloader()
+        Raises:
+            RuntimeError: If no tokenizer was given or set.
+        """
+        captions = self.text_dataloader().collate_fn
+        rank, world = rank_and_world(self)
+        batches = _RetrievalBatches(_ImageFiles(self.images, self.transform), captions, self.batch_size, rank, world)
+        return DataLoader(
+            batches,
+            batch_size=None,
+            # Already this rank's share: a one-replica ContiguousShardSampler keeps Lightning from re-sharding it.
+            sampler=ContiguousShardSampler(batches, num_replicas=1, rank=0),
+            num_workers=self.num_workers,
+        )
 
-    def predict_dataloader(self) -> list[DataLoader]:
-        """``[image_loader, text_loader]`` (dataloader_idx 0 and 1)."""
-        return self.val_dataloader()
+    def val_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,6 +40,8 @@ __all__ = [
     "iter_captions",
     "load_tokenizer",
     "main",
+    "tokenizer_from_files",
+    "tokenizer_to_files",
     "train_tokenizer_from_shards",
     "train_wordpiece",
 ]
@@ -188,6 +191,34 @@ def load_tokenizer(name_or_path: str, max_length: int = 64) -> PreTrainedTokeniz
             "unset where the DataModule learns its own WordPiece vocabulary.",
         ) from err
     tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def tokenizer_to_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The files of ``tokenizer.save_pretrained`` as ``{file name: text}``, to embed in a checkpoint.
+
+    A checkpoint that carries its tokenizer is self-contained: ``validate`` / ``test`` / inference
+    from it need no access to the training data the vocabulary was learned from.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        files = sorted(path for path in Path(folder).iterdir() if path.is_file())
+        return {path.name: path.read_text(encoding="utf-8") for path in files}
+
+
+def tokenizer_from_files(files: Mapping[str, str], max_length: int | None = None) -> PreTrainedTokenizerBase:
+    """Rebuild a tokenizer from :func:`tokenizer_to_files`' mapping.
+
+    Args:
+        files: ``{file name: text}`` as written by ``save_pretrained``.
+        max_length: Maximum tokens per caption; default: the saved ``model_max_length``.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
     return tokenizer
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -109,7 +110,7 @@ def test_retrieval_demo_corpus(corpus: DemoCorpus, tokenizer: PreTrainedTokenize
     assert dm.text_to_image.dtype == torch.long
     assert dm.text_to_image.tolist() == [i for i in range(40) for _ in range(5)]
 
-    image_loader, text_loader = dm.val_dataloader()
+    image_loader, text_loader = dm.image_dataloader(), dm.text_dataloader()
     indices = []
     for batch in image_loader:
         assert set(batch) == {"pixel_values", "index"}
@@ -127,8 +128,31 @@ def test_retrieval_demo_corpus(corpus: DemoCorpus, tokenizer: PreTrainedTokenize
     first = next(iter(text_loader))
     length = int(first["attention_mask"][0].sum())
     assert first["input_ids"][0, :length].tolist() == tokenizer(dm.captions[0])["input_ids"]
-    assert len(dm.test_dataloader()) == 2
-    assert len(dm.predict_dataloader()) == 2
+    # The Trainer's loaders: one loader, the image batches then the caption batches, never mixed.
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        batches = list(loader)
+        kinds = ["pixel_values" in b for b in batches]
+        assert kinds == sorted(kinds, reverse=True)
+        assert [i for b in batches if "pixel_values" in b for i in b["index"].tolist()] == list(range(40))
+        assert [i for b in batches if "input_ids" in b for i in b["index"].tolist()] == list(range(200))
+        assert all(set(b) in ({"pixel_values", "index"}, {"input_ids", "attention_mask", "index"}) for b in batches)
+
+
+def test_retrieval_single_loader_shares_ranks_without_padding(
+    corpus: DemoCorpus, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Each of 3 ranks gets a disjoint contiguous share of images and of captions; together, each once."""
+    dm = RetrievalDataModule(
+        corpus.karpathy_json, corpus.image_root, image_size=IMAGE_SIZE, tokenizer=tokenizer, batch_size=7,
+        num_workers=0,
+    )  # fmt: skip
+    images, captions = [], []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=3)  # type: ignore[assignment]
+        for batch in dm.val_dataloader():
+            (images if "pixel_values" in batch else captions).extend(batch["index"].tolist())
+    assert images == list(range(40))
+    assert captions == list(range(200))
 
 
 def test_retrieval_split_selection_and_no_filepath(tiny_karpathy: Karpathy) -> None:
