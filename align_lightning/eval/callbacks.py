@@ -149,7 +149,8 @@ class EvaluationCallback(L.Callback):
         datamodule: The evaluation set; ``None``: the trainer's DataModule when it is one, or the one
             it provides (see the module docstring).
         every_n_steps: Also evaluate every this many training steps (``None``: only with validation / test).
-        progress: Show a progress bar on rank 0 while the callback runs its own loop.
+        progress: Show a progress bar on rank 0 while the callback runs its own loop (unless the
+            trainer's progress bar is disabled).
     """
 
     #: The evaluation DataModule class this callback evaluates.
@@ -217,7 +218,7 @@ class EvaluationCallback(L.Callback):
     def _batches(
         self, loader: Iterable[dict[str, Any]], trainer: L.Trainer, name: str, what: str
     ) -> Iterable[dict[str, Any]]:
-        if not (self.progress and trainer.is_global_zero):
+        if not (self.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None):
             return loader
         from tqdm.auto import tqdm
 
@@ -243,14 +244,17 @@ class EvaluationCallback(L.Callback):
         datamodule = self._prepare(trainer, pl_module)
         was_training = pl_module.training
         pl_module.eval()
-        try:
-            if self.evaluates_trainer_data(trainer):
-                outputs, self._outputs = self._outputs, []
-            else:
-                outputs = self._own_loop(trainer, pl_module, datamodule)
-            metrics = self.compute(trainer, pl_module, datamodule, outputs, stage)
-        finally:
-            pl_module.train(was_training)
+        device = pl_module.device
+        # Evaluating must not change training: loaders draw their seeds from the global generator.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                if self.evaluates_trainer_data(trainer):
+                    outputs, self._outputs = self._outputs, []
+                else:
+                    outputs = self._own_loop(trainer, pl_module, datamodule)
+                metrics = self.compute(trainer, pl_module, datamodule, outputs, stage)
+            finally:
+                pl_module.train(was_training)
         logged = {f"{stage}/{datamodule.name}/{key}": value for key, value in metrics.items()}
         for key, value in logged.items():
             pl_module.log(key, value, rank_zero_only=True, batch_size=1)

@@ -171,3 +171,124 @@ def test_gather_rows_orders_by_index_and_handles_an_empty_rank(tmp_path: Path) -
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["first"], torch.arange(3.0).unsqueeze(1).expand(3, 4))
         torch.testing.assert_close(result["one"], torch.ones(1, 4))
+
+
+# ------------------------------------------------------------------ the trainer's data is the evaluation set
+
+
+def _eval_sets(corpus, tokenizer=None) -> tuple[RetrievalDataModule, ZeroShotDataModule]:  # noqa: ANN001
+    retrieval = RetrievalDataModule(
+        corpus.karpathy_json, corpus.image_root, split="val", name="demo_ret", image_size=32, batch_size=4,
+        num_workers=0, tokenizer=tokenizer,
+    )  # fmt: skip
+    zeroshot = ZeroShotDataModule(
+        corpus.zeroshot_root, classnames=str(corpus.classnames_file), templates=list(corpus.templates),
+        name="demo_zs", image_size=32, batch_size=8, num_workers=0,
+    )  # fmt: skip
+    return retrieval, zeroshot
+
+
+def test_trainer_loop_on_an_evaluation_set_equals_the_callbacks_own_loop(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    """`trainer.validate(model, datamodule=RetrievalDataModule)` + a callback without datamodule: same values."""
+    module = _module(len(train_data.tokenizer))
+    own = _validate(module, train_data, corpus, tmp_path / "own")
+    module.tokenizer = train_data.tokenizer  # as restored from a checkpoint; the evaluation sets have none
+    options = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    for datamodule, callback, prefix in (
+        (_eval_sets(corpus)[0], RetrievalEvalCallback(progress=False), "val/demo_ret/"),
+        (_eval_sets(corpus)[1], ZeroShotEvalCallback(progress=False), "val/demo_zs/"),
+    ):
+        trainer = L.Trainer(callbacks=[callback], default_root_dir=tmp_path, **options)
+        driven = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule)[0].items()}
+        assert driven
+        assert set(driven) == {k for k in own if k.startswith(prefix)}
+        for key, value in driven.items():
+            assert value == pytest.approx(own[key], abs=1e-6), key
+        tested = L.Trainer(callbacks=[callback], default_root_dir=tmp_path, **options)
+        assert {k.replace("test/", "val/", 1) for k in tested.test(module, datamodule=datamodule)[0]} == set(driven)
+
+
+def test_trainer_loop_ddp_two_ranks_equals_one_process(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    """The trainer's own loop over an odd-sized evaluation set on 2 CPU ranks: nothing dropped or repeated."""
+    results = []
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        module = _module(len(train_data.tokenizer))
+        module.tokenizer = train_data.tokenizer
+        trainer = L.Trainer(
+            accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
+            callbacks=[RetrievalEvalCallback(progress=False)], default_root_dir=tmp_path,
+        )  # fmt: skip
+        results.append({k: float(v) for k, v in trainer.validate(module, datamodule=_eval_sets(corpus)[0])[0].items()})
+    assert results[0]
+    assert results[0] == pytest.approx(results[1], abs=1e-6)
+
+
+def test_an_evaluation_set_without_its_callback_is_an_error(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    module = _module(len(train_data.tokenizer))
+    module.tokenizer = train_data.tokenizer
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="add align_lightning.eval.ZeroShotEvalCallback"):
+        trainer.validate(module, datamodule=_eval_sets(corpus)[1])
+    # A callback evaluating another set does not count.
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+        callbacks=[ZeroShotEvalCallback(_eval_sets(corpus)[1], progress=False)],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="add align_lightning.eval.RetrievalEvalCallback"):
+        trainer.validate(module, datamodule=_eval_sets(corpus)[0])
+
+
+def test_limited_evaluation_loop_is_refused(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    module = _module(len(train_data.tokenizer))
+    module.tokenizer = train_data.tokenizer
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=2,
+        callbacks=[RetrievalEvalCallback(progress=False)],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="limit_val_batches"):
+        trainer.validate(module, datamodule=_eval_sets(corpus)[0])
+
+
+def test_pictures_go_to_the_run_folder_and_tensorboard(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = _module(len(train_data.tokenizer))
+    retrieval, zeroshot = _eval_sets(corpus, tokenizer=train_data.tokenizer)
+    callbacks = [
+        RetrievalEvalCallback(retrieval, examples=3, progress=False),
+        ZeroShotEvalCallback(zeroshot, confusion_matrix=True, progress=False),
+    ]
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = L.Trainer(
+        accelerator="cpu", logger=logger, enable_progress_bar=False, callbacks=callbacks, default_root_dir=tmp_path
+    )
+    trainer.validate(module, datamodule=train_data)
+    figures = sorted(p.name for p in (Path(logger.log_dir) / "figures").iterdir())
+    assert figures == [
+        "val_demo_ret_retrieval_examples_step0000000.png",
+        "val_demo_zs_confusion_matrix_step0000000.png",
+    ]
+    examples = Image.open(Path(logger.log_dir) / "figures" / figures[0])
+    assert examples.height > 3 * 112  # three query rows of thumbnails
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"val/demo_ret/retrieval_examples", "val/demo_zs/confusion_matrix"}
+
+
+def test_evaluating_during_training_does_not_change_training(corpus, train_data, tmp_path: Path) -> None:  # noqa: ANN001
+    """Same seed, with and without an evaluation every 2 steps: identical weights (the RNG is left alone)."""
+    weights = []
+    for callbacks in ([], [_callbacks(corpus)[0]]):
+        for callback in callbacks:
+            callback.every_n_steps = 2
+        L.seed_everything(3)
+        module = _module(len(train_data.tokenizer))
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, callbacks=callbacks, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=train_data)
+        weights.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    assert torch.equal(weights[0], weights[1])

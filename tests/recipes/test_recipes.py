@@ -13,6 +13,9 @@ from tests.conftest import TINY_BERT
 from tests.data.shard_utils import write_shards
 
 RECIPES = sorted(recipes_dir().glob("*.yaml"))
+#: Recipes that train (the others, eval_*.yaml, evaluate a checkpoint).
+TRAINING = [p for p in RECIPES if not p.stem.startswith("eval_")]
+EVALUATION = [p for p in RECIPES if p.stem.startswith("eval_")]
 
 
 def _tiny(recipe: dict, tmp_path: Path) -> dict:
@@ -41,13 +44,14 @@ def _tiny(recipe: dict, tmp_path: Path) -> dict:
 
 def test_every_recipe_has_a_header() -> None:
     assert {p.stem for p in RECIPES} >= {"quickstart", "align_base", "align_l2"}
+    assert {p.stem for p in EVALUATION} == {"eval_flickr30k", "eval_coco", "eval_imagenet"}
     for path in RECIPES:
         header = path.read_text().split("\n", 1)[0]
         assert header.startswith("# "), f"{path.name} must start with a comment header"
         assert "python -m align_lightning" in path.read_text(), f"{path.name}: header must give the command"
 
 
-@pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])
+@pytest.mark.parametrize("recipe_path", TRAINING, ids=[p.stem for p in TRAINING])
 def test_recipe_trains_with_tiny_towers(recipe_path: Path, tmp_path: Path) -> None:
     recipe = _tiny(yaml.safe_load(recipe_path.read_text()), tmp_path)
     config = tmp_path / recipe_path.name
@@ -79,6 +83,15 @@ def test_quickstart_end_to_end_short(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 2 * (kept // 64)  # two epochs of full batches
     for key in ("train/loss", "train/temperature", "train/lr", "val/loss", "val/demo/i2t_R@1", "val/demo/t2i_R@1"):
         assert key in metrics, key
+    # The held-out evaluation sets in the real formats, through the evaluation callbacks, and their pictures.
+    for k in (1, 5, 10):
+        assert 0.0 <= metrics[f"val/demo_retrieval/i2t_R@{k}"] <= 1.0
+        assert 0.0 <= metrics[f"val/demo_retrieval/t2i_R@{k}"] <= 1.0
+    assert 0.0 <= metrics["val/demo_zeroshot/top1"] <= metrics["val/demo_zeroshot/top5"] <= 1.0
+    figures = {p.name for p in (Path(cli.trainer.log_dir) / "figures").iterdir()}
+    step = cli.trainer.global_step
+    assert f"val_demo_retrieval_retrieval_examples_step{step:07d}.png" in figures
+    assert f"val_demo_zeroshot_confusion_matrix_step{step:07d}.png" in figures
     assert (Path(cli.trainer.log_dir) / "metrics.csv").is_file()
     # The demo corpus holds a truncated JPEG that ALIGN's filter (headers only) lets through:
     # decoding finds it each epoch, skips it and counts it, in metrics.json and in the logger.
