@@ -109,6 +109,10 @@ def test_quickstart_full_learns_above_chance(tmp_path: Path) -> None:
     assert metrics["val/demo/i2t_R@10"] > 5 * chance_at_10
     assert metrics["val/demo/t2i_R@10"] > 5 * chance_at_10
     assert metrics["val/demo/i2t_R@1"] > 5 / 512
+    # The held-out sets in the evaluation formats: retrieval with 5 captions per image, zero-shot over 48 classes.
+    assert metrics["val/demo_retrieval/i2t_R@10"] > 5 * chance_at_10
+    assert metrics["val/demo_retrieval/t2i_R@10"] > 5 * chance_at_10
+    assert metrics["val/demo_zeroshot/top1"] > 3 / 48
     assert metrics["train/temperature"] != pytest.approx(0.1, abs=1e-3)  # learned, not frozen at its init
 
 
