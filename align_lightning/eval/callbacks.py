@@ -135,7 +135,8 @@ def _cat(outputs: list[dict[str, Tensor]], key: str, device: torch.device, long:
     return torch.empty(0, dtype=torch.long if long else torch.float32, device=device)
 
 
-def _log_dir(trainer: L.Trainer) -> Path | None:
+def _log_dir(trainer: L.Trainer) -> Path:
+    """The run folder: the logger's, else the trainer's root folder."""
     log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
     return Path(log_dir if log_dir is not None else trainer.default_root_dir)
 
@@ -281,7 +282,7 @@ class EvaluationCallback(L.Callback):
     def _save_figure(self, trainer: L.Trainer, image: Image.Image, stage: str, datamodule: Any, what: str) -> None:
         """Write ``image`` to ``<log_dir>/figures/`` and to TensorBoard (when it is a logger); rank 0 only."""
         folder = _log_dir(trainer)
-        if not trainer.is_global_zero or folder is None:
+        if not trainer.is_global_zero:
             return
         path = folder / "figures" / f"{stage}_{datamodule.name}_{what}_step{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from align_lightning import ALIGNModule
 from align_lightning.cli import recipe_path, run
@@ -114,3 +115,55 @@ def test_checkpoint_carries_its_tokenizer(trained) -> None:  # noqa: ANN001
     caption = "a small red circle at the top of a light picture"
     assert module.tokenizer(caption)["input_ids"] == training_tokenizer(caption)["input_ids"]
     assert module.model.text_tower.model.get_input_embeddings().num_embeddings == len(module.tokenizer)
+
+
+def test_several_sets_in_one_recipe(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    """Flickr30K-, COCO- and ImageNet-style sets in one `validate`: the recipe's data plus callbacks with their own."""
+    checkpoint, corpus, _ = trained
+    recipe = yaml.safe_load(recipe_path("eval_flickr30k").read_text())
+    small = {"image_size": 32, "num_workers": 0, "batch_size": 8}
+    recipe["trainer"]["callbacks"] += [
+        {
+            "class_path": "align_lightning.eval.RetrievalEvalCallback",
+            "init_args": {
+                "datamodule": {
+                    "class_path": "align_lightning.data.RetrievalDataModule",
+                    "init_args": {
+                        "annotations": str(corpus.karpathy_json),
+                        "image_root": str(corpus.image_root),
+                        "split": "val",
+                        "name": "coco",
+                        **small,
+                    },  # fmt: skip
+                },
+                "progress": False,
+            },
+        },
+        {
+            "class_path": "align_lightning.eval.ZeroShotEvalCallback",
+            "init_args": {
+                "datamodule": {
+                    "class_path": "align_lightning.data.ZeroShotDataModule",
+                    "init_args": {
+                        "root": str(corpus.zeroshot_root),
+                        "classnames": str(corpus.classnames_file),
+                        "templates": str(corpus.templates_file),
+                        "name": "imagenet",
+                        **small,
+                    },  # fmt: skip
+                },
+                "progress": False,
+            },
+        },
+    ]
+    config = tmp_path / "three_sets.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    cli = run(
+        [
+            "validate", "--config", str(config), f"--ckpt_path={checkpoint}", *QUIET,
+            *_data_args("eval_flickr30k", corpus), f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )  # fmt: skip
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert {"val/flickr30k/i2t_R@1", "val/coco/t2i_R@10", "val/imagenet/top1", "val/imagenet/top5"} <= set(metrics)
+    assert metrics["val/imagenet/top1"] == pytest.approx(_expected("eval_imagenet", checkpoint, corpus)["top1"])
