@@ -18,7 +18,11 @@ from align_lightning.eval.callbacks import EvaluationCallback, embed_batch
 from align_lightning.eval.retrieval import retrieval_metrics
 from align_lightning.losses.contrastive import ContrastiveLoss
 from align_lightning.model.dual_encoder import DualEncoder
+from align_lightning.model.sharding import apply_fsdp2, is_fsdp2_sharded
 from align_lightning.optim import WarmupLinearDecay, align_lamb, weight_decay_param_groups
+from align_lightning.strategies import register_strategies
+
+register_strategies()  # Trainer(strategy="fsdp2" | "fsdp_align")
 
 __all__ = ["ALIGNModule"]
 
@@ -74,9 +78,11 @@ class ALIGNModule(L.LightningModule):
         super().__init__()
         # Built by LightningCLI, the hyper-parameters are the recipe's config (modules included as
         # class_path/init_args), so `ALIGNModule.load_from_checkpoint(path)` rebuilds everything.
-        # Built in Python, the modules are not pickled into them (their weights are in the state
-        # dict): pass `model=` (and `loss=`) to `load_from_checkpoint`.
-        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["model", "loss"])
+        # Built in Python, the modules and factories are not pickled into them (weights are in the
+        # state dict; a pickled functools.partial would make the checkpoint unloadable with
+        # weights_only=True, as distributed checkpoints are read): pass `model=` (and `loss=`) to
+        # `load_from_checkpoint`.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["model", "loss", "optimizer", "lr_scheduler"])
         self.model = model
         self.loss = loss if loss is not None else ContrastiveLoss()
         self.optimizer = optimizer
@@ -111,23 +117,46 @@ class ALIGNModule(L.LightningModule):
             self.tokenizer = tokenizer_from_files(files)
             self._tokenizer_files = (id(self.tokenizer), dict(files))
 
+    def configure_model(self) -> None:
+        """Shard the dual encoder with FSDP2 when the strategy provides a device mesh (no-op otherwise).
+
+        Under :class:`~align_lightning.strategies.FSDP2Strategy` (or Lightning's
+        ``ModelParallelStrategy`` with tensor parallel size 1), each EfficientNet block and BERT
+        layer, each tower, then the whole encoder become ``fully_shard`` units on the
+        data-parallel mesh, with the strategy's mixed-precision policy.
+        """
+        mesh = self.device_mesh
+        if mesh is None or is_fsdp2_sharded(self.model):
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "Tensor parallelism is not supported for the dual encoder: use "
+                "align_lightning.strategies.FSDP2Strategy (every rank a data-parallel shard)."
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        fully_shard_kwargs = getattr(self.trainer.strategy, "fully_shard_kwargs", dict)()
+        apply_fsdp2(self.model, data_parallel, **fully_shard_kwargs)
+
     # -- training --------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Embed a batch: ``(image_embeds, text_embeds, logit_scale)``."""
         return self.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
 
-    def _step_loss(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    def _step_loss(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
         image_embeds, text_embeds, logit_scale = self(batch)
-        return self.loss(image_embeds, text_embeds, logit_scale), image_embeds, text_embeds
+        return self.loss(image_embeds, text_embeds, logit_scale), image_embeds, text_embeds, logit_scale
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One contrastive step on a batch of ``pixel_values``, ``input_ids``, ``attention_mask``."""
-        terms, _, _ = self._step_loss(batch)
+        terms, _, _, logit_scale = self._step_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
         self.log_dict({"train/loss_i2t": terms["loss_i2t"], "train/loss_t2i": terms["loss_t2i"]}, batch_size=batch_size)
-        self.log("train/temperature", self.model.clamped_temperature().detach(), prog_bar=True, batch_size=batch_size)
+        # The temperature the forward pass used (under FSDP the parameter is a shard outside forward).
+        temperature = 1.0 / logit_scale.detach().float()
+        self.log("train/temperature", temperature, prog_bar=True, batch_size=batch_size)
         return terms["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -172,7 +201,7 @@ class ALIGNModule(L.LightningModule):
     # -- evaluation ------------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
-        terms, image_embeds, text_embeds = self._step_loss(batch)
+        terms, image_embeds, text_embeds, _ = self._step_loss(batch)
         self.log(f"{stage}/loss", terms["loss"], sync_dist=True, batch_size=batch["input_ids"].shape[0])
         self._eval_embeds.append((image_embeds.detach().float(), text_embeds.detach().float()))
 

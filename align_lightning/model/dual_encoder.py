@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,8 +22,9 @@ class DualEncoder(nn.Module):
     learnable temperature initialised at 1.0 (it converges to about 1/64 in the paper).
 
     The temperature is stored raw (the ``temperature`` parameter, as Hugging Face ``AlignModel``
-    stores it) and clamped from below at ``min_temperature`` when used, so it can neither reach 0
-    nor go negative; the default floor 0.01 caps the logit scale at 100, CLIP's cap.
+    stores it, but with shape ``(1,)`` so that FSDP2 can shard it) and clamped from below at
+    ``min_temperature`` when used, so it can neither reach 0 nor go negative; the default floor
+    0.01 caps the logit scale at 100, CLIP's cap.
 
     Args:
         image_tower: Module mapping ``(B, 3, H, W)`` pixels to ``(B, image_tower.output_dim)``.
@@ -71,7 +74,9 @@ class DualEncoder(nn.Module):
         self.text_tower = text_tower
         self.image_projection = nn.Linear(image_dim, embed_dim) if image_projection else None
         self.text_projection = nn.Linear(text_dim, embed_dim)
-        self.temperature = nn.Parameter(torch.tensor(float(temperature_init)), requires_grad=learnable_temperature)
+        # Shape (1,), not a scalar: FSDP2 (fully_shard) cannot shard 0-dim parameters. 0-dim checkpoint
+        # entries (Hugging Face AlignModel's layout) still load (_load_from_state_dict).
+        self.temperature = nn.Parameter(torch.tensor([float(temperature_init)]), requires_grad=learnable_temperature)
         self.min_temperature = min_temperature
         self.embed_dim = embed_dim
         if grad_checkpointing:
@@ -84,11 +89,17 @@ class DualEncoder(nn.Module):
 
     def clamped_temperature(self) -> Tensor:
         """The temperature actually used: ``max(temperature, min_temperature)`` (a 0-dim tensor)."""
-        return self.temperature.clamp(min=self.min_temperature)
+        return self.temperature.clamp(min=self.min_temperature).squeeze(0)
 
     def logit_scale(self) -> Tensor:
         """``1 / temperature``, the multiplier of the cosine similarities (a 0-dim tensor)."""
         return 1.0 / self.clamped_temperature()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # a scalar temperature (AlignModel's layout)
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """Embed images.
@@ -99,6 +110,9 @@ class DualEncoder(nn.Module):
         Returns:
             ``(B, embed_dim)`` L2-normalised embeddings.
         """
+        return self._encode_image(pixel_values)
+
+    def _encode_image(self, pixel_values: Tensor) -> Tensor:
         features = self.image_tower(pixel_values)
         if self.image_projection is not None:
             features = self.image_projection(features)
@@ -114,6 +128,9 @@ class DualEncoder(nn.Module):
         Returns:
             ``(B, embed_dim)`` L2-normalised embeddings.
         """
+        return self._encode_text(input_ids, attention_mask)
+
+    def _encode_text(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         return F.normalize(self.text_projection(self.text_tower(input_ids, attention_mask)), dim=-1)
 
     def forward(
@@ -125,4 +142,6 @@ class DualEncoder(nn.Module):
             ``(image_embeds, text_embeds, logit_scale)``: two ``(B, embed_dim)`` L2-normalised
             embeddings and the 0-dim logit scale ``1 / temperature``.
         """
-        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.logit_scale()
+        # The private encoders: under FSDP2, encode_image / encode_text are registered forward methods
+        # that reshard the root's parameters when they return, before the temperature is read here.
+        return self._encode_image(pixel_values), self._encode_text(input_ids, attention_mask), self.logit_scale()

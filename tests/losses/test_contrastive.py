@@ -215,3 +215,22 @@ def test_distributed_equals_single_process_full_batch(case_id: str, distributed_
 def test_without_process_group_gather_is_a_no_op() -> None:
     image, text = _embeds(6, requires_grad=False)
     torch.testing.assert_close(contrastive_loss(image, text, 3.0), contrastive_loss(image, text, 3.0, gather=False))
+
+
+def test_half_precision_embeddings_with_the_largest_logit_scale_stay_finite() -> None:
+    """fp16 embeddings at logit scale 100 (temperature at its floor): fp16 logits would overflow
+    (65504); the loss works in float32, so value and gradients are finite and equal the float32 ones."""
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(64, 32), dim=-1)
+    text = F.normalize(image + 0.01 * torch.randn(64, 32), dim=-1)
+    reference = contrastive_loss(image, text, torch.tensor(100.0), label_smoothing=0.1)
+    half_image = image.half().requires_grad_()
+    half_text = text.half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = contrastive_loss(half_image, half_text, torch.tensor(100.0), label_smoothing=0.1)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    assert torch.isfinite(half_image.grad).all()
+    assert torch.isfinite(half_text.grad).all()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-2)

@@ -69,3 +69,14 @@ def test_grad_checkpointing_switch(image_tower: ImageTower, text_tower: TextTowe
     (image * text).sum().mul(scale).backward()
     model.set_grad_checkpointing(False)
     assert not model.image_tower.model.grad_checkpointing
+
+
+def test_temperature_is_fsdp2_shardable_and_loads_a_scalar(dual_encoder: DualEncoder) -> None:
+    """Shape (1,) (fully_shard refuses 0-dim parameters); a 0-dim entry (AlignModel's layout) still loads."""
+    assert dual_encoder.temperature.shape == (1,)
+    assert dual_encoder.clamped_temperature().dim() == 0
+    assert dual_encoder.logit_scale().dim() == 0
+    state = dual_encoder.state_dict()
+    state["temperature"] = torch.tensor(0.25)
+    dual_encoder.load_state_dict(state)
+    assert dual_encoder.temperature.tolist() == [0.25]

@@ -1,0 +1,123 @@
+"""One distributed job of the strategy tests, launched by ``torch.distributed.run`` (2 CPU processes, gloo).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/strategies/parity_job.py {ddp|fsdp2} step OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/strategies/parity_job.py fsdp2 resume OUT
+
+``step``: one SGD step on the global batch of :func:`make_batch`; rank 0 writes the updated full
+parameters (``params.pt``); with FSDP2 also a full-state-dict checkpoint (``full.ckpt``).
+``resume``: AdamW, two steps straight versus one step, a sharded (distributed) checkpoint, and a
+fresh run resumed from it for the second step; rank 0 writes both parameter sets (``resume.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from align_lightning import ALIGNModule, ContrastiveLoss, DualEncoder, ImageTower, TextTower
+from align_lightning.optim import WarmupLinearDecay
+from align_lightning.strategies import FSDP2Strategy
+
+#: Tiny BERT without dropout: the ranks' forward passes must be deterministic.
+BERT = {
+    "model_type": "bert", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "intermediate_size": 37, "max_position_embeddings": 16, "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}  # fmt: skip
+GLOBAL_BATCH, WORLD = 8, 2
+
+
+def make_model() -> DualEncoder:
+    torch.manual_seed(0)
+    return DualEncoder(ImageTower("test_efficientnet"), TextTower(config=BERT), temperature_init=0.2)
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, BERT["vocab_size"], (GLOBAL_BATCH, 12), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[::3, 9:] = 0
+    pixels = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
+
+
+def rank_rows(rank: int) -> list[int]:
+    """The rows rank ``rank`` trains on."""
+    return list(range(rank, GLOBAL_BATCH, WORLD))
+
+
+class _Rows(Dataset):
+    def __init__(self) -> None:
+        self.batch = make_batch()
+
+    def __len__(self) -> int:
+        return GLOBAL_BATCH
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.batch.items()}
+
+
+def _trainer(strategy: object, max_steps: int, root: Path) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, use_distributed_sampler=False,
+    )  # fmt: skip
+
+
+def _module(optimizer: object) -> ALIGNModule:
+    schedule = partial(WarmupLinearDecay, warmup_steps=0, total_steps=100)
+    return ALIGNModule(make_model(), ContrastiveLoss(label_smoothing=0.1), optimizer=optimizer, lr_scheduler=schedule)
+
+
+def _full_params(module: ALIGNModule) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module.model, options=options)  # full on rank 0 only (cpu_offload)
+    if not state:
+        return {}
+    return {name: state[name].clone() for name, _ in make_model().named_parameters()}
+
+
+def _strategy(kind: str, **kwargs: object) -> object:
+    return "ddp" if kind == "ddp" else FSDP2Strategy(**kwargs)
+
+
+def main(kind: str, mode: str, out: Path) -> None:
+    # Each rank its own rows, in a known order (Lightning's sampler would shuffle them).
+    rank = int(os.environ["RANK"])
+    loader = DataLoader(Subset(_Rows(), rank_rows(rank)), batch_size=GLOBAL_BATCH // WORLD)
+    if mode == "step":
+        trainer = _trainer(_strategy(kind, save_distributed_checkpoint=False), 1, out)
+        module = _module(partial(torch.optim.SGD, lr=0.5))
+        trainer.fit(module, train_dataloaders=loader)
+        params = _full_params(module)
+        if kind == "fsdp2":
+            trainer.save_checkpoint(out / "full.ckpt")
+        if trainer.is_global_zero:
+            torch.save(params, out / "params.pt")
+        return
+    adamw = partial(torch.optim.AdamW, lr=1e-2)
+    straight = _module(adamw)
+    _trainer(_strategy(kind), 2, out / "straight").fit(straight, train_dataloaders=loader)
+    first = _module(adamw)
+    trainer = _trainer(_strategy(kind), 1, out / "first")
+    trainer.fit(first, train_dataloaders=loader)
+    trainer.save_checkpoint(out / "sharded.ckpt")
+    resumed = _module(adamw)
+    second = _trainer(_strategy(kind), 2, out / "second")
+    second.fit(resumed, train_dataloaders=loader, ckpt_path=out / "sharded.ckpt")
+    results = {"straight": _full_params(straight), "resumed": _full_params(resumed), "step": second.global_step}
+    if second.is_global_zero:
+        torch.save(results, out / "resume.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))

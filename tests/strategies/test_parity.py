@@ -1,0 +1,112 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo) against one process holding the whole global batch.
+
+Each distributed job runs under ``torch.distributed.run`` (``parity_job.py``); the reference runs
+here. BatchNorm statistics are per rank in the jobs (ALIGN's per-core batch statistics), so the
+reference embeds each rank's rows in a separate forward pass and computes the loss over all rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_lightning import ALIGNModule, ContrastiveLoss, DualEncoder
+from tests.strategies.parity_job import WORLD, make_batch, make_model, rank_rows
+
+JOB = Path(__file__).with_name("parity_job.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _launch(kind: str, mode: str, out: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={port}"]
+    result = subprocess.run([*command, str(JOB), kind, mode, str(out)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def _reference_step(lr: float) -> dict[str, torch.Tensor]:
+    """One SGD step of one process on the global batch, BatchNorm statistics per rank's rows."""
+    model = make_model()
+    batch = make_batch()
+    images = torch.cat([model.encode_image(batch["pixel_values"][rank_rows(r)]) for r in range(WORLD)])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    texts = torch.cat([model.encode_text(ids[rank_rows(r)], mask[rank_rows(r)]) for r in range(WORLD)])
+    loss = ContrastiveLoss(label_smoothing=0.1)(images, texts, model.logit_scale())["loss"]
+    loss.backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter -= lr * parameter.grad
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def _assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Compare the parameter *updates* from the common initial values (i.e. the gradients), not the values."""
+    assert set(actual) == set(expected)
+    initial = dict(make_model().named_parameters())
+    largest = max(float((value - initial[name]).abs().max()) for name, value in expected.items())
+    moved = 0
+    for name, value in expected.items():
+        update, expected_update = actual[name] - initial[name], value - initial[name]
+        # Tensor-relative: 1e-4 of the tensor's largest update (float32 sums in another order), with a
+        # floor of 1e-6 of the model's largest update for updates that are zero in exact arithmetic (a
+        # bias before a norm, BERT's key biases) and only float noise here.
+        tolerance = 1e-4 * float(expected_update.abs().max()) + 1e-6 * largest
+        torch.testing.assert_close(update, expected_update, rtol=0.0, atol=tolerance, msg=name)
+        moved += int(expected_update.abs().max() > 0)
+    assert moved > len(expected) // 2  # the step changed most parameters: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_one_step_equals_single_process_on_the_global_batch(kind: str, tmp_path: Path) -> None:
+    _launch(kind, "step", tmp_path)
+    _assert_close(torch.load(tmp_path / "params.pt"), _reference_step(lr=0.5))
+    if kind == "fsdp2":
+        # The full-state-dict checkpoint (save_distributed_checkpoint=False) loads into a plain DualEncoder.
+        state = torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"]
+        plain = make_model()
+        plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        _assert_close(dict(plain.named_parameters()), _reference_step(lr=0.5))
+        reloaded = ALIGNModule.load_from_checkpoint(tmp_path / "full.ckpt", model=make_model())
+        assert isinstance(reloaded.model, DualEncoder)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_identically(tmp_path: Path) -> None:
+    """AdamW: two steps straight == one step, sharded checkpoint, a fresh run resumed for the second step."""
+    _launch("fsdp2", "resume", tmp_path)
+    results = torch.load(tmp_path / "resume.pt")
+    assert results["step"] == 2
+    assert (tmp_path / "sharded.ckpt").is_dir()  # a distributed checkpoint: one folder of shards
+    _assert_close(results["resumed"], results["straight"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_quickstart_runs_with_the_strategy_on_two_cpu_processes(strategy: str, tmp_path: Path) -> None:
+    """The README's command with `--trainer.strategy ddp|fsdp2 --trainer.devices 2`, shortened, to completion.
+
+    Lightning launches the second process by re-running the command, so it runs as a subprocess.
+    """
+    command = [
+        sys.executable, "-m", "align_lightning", "fit", "--config", "recipes/quickstart.yaml",
+        f"--trainer.strategy={strategy}", "--trainer.devices=2", "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--data.init_args.num_train=256", "--data.init_args.num_val=16", "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0", f"--data.init_args.root={tmp_path / 'demo'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-5000:]
+    metrics = json.loads(next(tmp_path.glob("quickstart/version_*/metrics.json")).read_text())
+    assert {"train/loss", "val/loss", "val/demo_retrieval/i2t_R@1", "val/demo_zeroshot/top1"} <= set(metrics)
+    assert next(tmp_path.glob("quickstart/version_*/checkpoints/*"))  # a checkpoint (a folder under FSDP2)
