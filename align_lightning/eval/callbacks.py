@@ -31,6 +31,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import Tensor
@@ -227,10 +228,20 @@ class EvaluationCallback(L.Callback):
 
     def _own_loop(self, trainer: L.Trainer, pl_module: L.LightningModule, datamodule: Any) -> list[dict[str, Tensor]]:
         encoder, device = _encoder(pl_module), pl_module.device
+        # FSDP1 gathers the root unit's parameters (projections, temperature) only in the root's forward:
+        # go through the strategy's validation_step (ALIGNModule embeds batches that carry an index).
+        through_step = isinstance(trainer.strategy, FSDPStrategy)
         outputs = []
         for what, loader in self.loaders(datamodule):
             for batch in self._batches(loader, trainer, datamodule.name, what):
-                outputs.append(embed_batch(encoder, _to_device(batch, device)))
+                batch = _to_device(batch, device)
+                out = trainer.strategy.validation_step(batch, 0) if through_step else embed_batch(encoder, batch)
+                if not isinstance(out, dict) or not ({"image_embeds", "text_embeds"} & set(out)):
+                    raise TypeError(
+                        f"Under FSDP, {type(pl_module).__name__}.validation_step must return embed_batch(...) for "
+                        "evaluation batches (batches with an 'index'), as ALIGNModule does."
+                    )
+                outputs.append(out)
         return outputs
 
     # -- running -----------------------------------------------------------------------------------
