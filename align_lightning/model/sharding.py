@@ -85,8 +85,20 @@ def apply_fsdp2(model: nn.Module, mesh: Any, **fully_shard_kwargs: Any) -> nn.Mo
     Returns:
         The same model, sharded.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    policy = fully_shard_kwargs.get("mp_policy")
+    if policy is not None and policy.param_dtype not in (None, torch.float32):
+        # BatchNorm keeps float32 parameters (its running statistics are float32 buffers, which the
+        # policy does not cast): each one its own float32 unit; it takes the low-precision activations
+        # as they are (mixed-dtype batch norm) and returns them in that dtype.
+        norm_policy = MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False
+        )
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                fully_shard(module, mesh=mesh, **{**fully_shard_kwargs, "mp_policy": norm_policy})
     for tower in (model.image_tower, model.text_tower):
         for unit in shard_units(tower):
             fully_shard(unit, mesh=mesh, **fully_shard_kwargs)

@@ -5,6 +5,7 @@
 
 ``step``: one SGD step on the global batch of :func:`make_batch`; rank 0 writes the updated full
 parameters (``params.pt``); with FSDP2 also a full-state-dict checkpoint (``full.ckpt``).
+``bf16``: one SGD step with ``FSDP2Strategy(param_dtype="bfloat16")``; rank 0 writes ``bf16.pt``.
 ``resume``: AdamW, two steps straight versus one step, a sharded (distributed) checkpoint, and a
 fresh run resumed from it for the second step; rank 0 writes both parameter sets (``resume.pt``).
 """
@@ -103,6 +104,15 @@ def main(kind: str, mode: str, out: Path) -> None:
             trainer.save_checkpoint(out / "full.ckpt")
         if trainer.is_global_zero:
             torch.save(params, out / "params.pt")
+        return
+    if mode == "bf16":
+        # FSDP2's own mixed precision: bf16 parameters and compute, float32 reduction (BatchNorm in float32).
+        trainer = _trainer(FSDP2Strategy(param_dtype="bfloat16"), 1, out)
+        module = _module(partial(torch.optim.SGD, lr=0.5))
+        trainer.fit(module, train_dataloaders=loader)
+        params = _full_params(module)
+        if trainer.is_global_zero:
+            torch.save({"params": params, "loss": float(trainer.callback_metrics["train/loss"])}, out / "bf16.pt")
         return
     adamw = partial(torch.optim.AdamW, lr=1e-2)
     straight = _module(adamw)

@@ -110,3 +110,15 @@ def test_quickstart_runs_with_the_strategy_on_two_cpu_processes(strategy: str, t
     metrics = json.loads(next(tmp_path.glob("quickstart/version_*/metrics.json")).read_text())
     assert {"train/loss", "val/loss", "val/demo_retrieval/i2t_R@1", "val/demo_zeroshot/top1"} <= set(metrics)
     assert next(tmp_path.glob("quickstart/version_*/checkpoints/*"))  # a checkpoint (a folder under FSDP2)
+
+
+def test_fsdp2_bf16_mixed_precision_policy_trains(tmp_path: Path) -> None:
+    """bf16 parameters and compute (BatchNorm kept in float32), float32 reduction: the step is the float32
+    step up to bf16 rounding (updates point the same way)."""
+    _launch("fsdp2", "bf16", tmp_path)
+    result = torch.load(tmp_path / "bf16.pt")
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    initial, expected = dict(make_model().named_parameters()), _reference_step(lr=0.5)
+    update = torch.cat([(result["params"][n] - initial[n]).flatten() for n in expected])
+    expected_update = torch.cat([(expected[n] - initial[n]).flatten() for n in expected])
+    assert torch.nn.functional.cosine_similarity(update, expected_update, dim=0) > 0.95
