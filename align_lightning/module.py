@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -65,6 +65,9 @@ class ALIGNModule(L.LightningModule):
         lr_scheduler: Callable mapping the optimizer to a scheduler, stepped every optimizer step;
             default linear decay to 0 over the run (use :class:`WarmupLinearDecay` for warm-up).
         retrieval_ks: The K of the held-out recall@K.
+        compile_towers: ``torch.compile`` each tower (``True``: the default inductor backend, or a
+            backend name). Applied after FSDP2 sharding; where compilation is not supported (no
+            compiler toolchain, an unsupported platform) a warning is logged and the towers run eagerly.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ALIGNModule(L.LightningModule):
         optimizer: OptimizerCallable = align_lamb,
         lr_scheduler: LRSchedulerCallable = WarmupLinearDecay,
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
+        compile_towers: bool | str = False,
     ) -> None:
         super().__init__()
         # Built by LightningCLI, the hyper-parameters are the recipe's config (modules included as
@@ -88,6 +92,8 @@ class ALIGNModule(L.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.retrieval_ks = tuple(retrieval_ks)
+        self.compile_towers = compile_towers
+        self._towers_compiled = False
         self._eval_embeds: list[tuple[Tensor, Tensor]] = []
         self._last_step_time: float | None = None
         #: The text tower's tokenizer: the DataModule's, or the one restored from a checkpoint.
@@ -118,7 +124,8 @@ class ALIGNModule(L.LightningModule):
             self._tokenizer_files = (id(self.tokenizer), dict(files))
 
     def configure_model(self) -> None:
-        """Shard the dual encoder with FSDP2 when the strategy provides a device mesh (no-op otherwise).
+        """Shard the dual encoder with FSDP2 when the strategy provides a device mesh, then compile the
+        towers if ``compile_towers`` (each at most once).
 
         Under :class:`~align_lightning.strategies.FSDP2Strategy` (or Lightning's
         ``ModelParallelStrategy`` with tensor parallel size 1), each EfficientNet block and BERT
@@ -127,6 +134,7 @@ class ALIGNModule(L.LightningModule):
         """
         mesh = self.device_mesh
         if mesh is None or is_fsdp2_sharded(self.model):
+            self._compile_towers()
             return
         names = mesh.mesh_dim_names or ()
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
@@ -137,6 +145,21 @@ class ALIGNModule(L.LightningModule):
         data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
         fully_shard_kwargs = getattr(self.trainer.strategy, "fully_shard_kwargs", dict)()
         apply_fsdp2(self.model, data_parallel, **fully_shard_kwargs)
+        self._compile_towers()
+
+    def _compile_towers(self) -> None:
+        """``torch.compile`` the towers in place (once), or warn and stay eager where it cannot work."""
+        if not self.compile_towers or self._towers_compiled:
+            return
+        self._towers_compiled = True
+        backend = "inductor" if self.compile_towers is True else str(self.compile_towers)
+        try:  # compile and run a tiny function first: a missing toolchain fails here, not mid-training
+            torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(2, device=self.device))
+        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+            rank_zero_warn(f"torch.compile(backend={backend!r}) is not available here ({err!r}): towers run eagerly.")
+            return
+        self.model.image_tower.compile(backend=backend)
+        self.model.text_tower.compile(backend=backend)
 
     # -- training --------------------------------------------------------------------------------
 

@@ -172,3 +172,29 @@ def test_schedule_spans_the_run_over_a_stream_without_length(tmp_path: Path, dat
     datamodule.samples_per_epoch = None  # nothing tells the stream's length: a clear error
     with pytest.raises(ValueError, match="max_steps"):
         _trainer(tmp_path, max_steps=-1, max_epochs=1).fit(_module(len(datamodule.tokenizer)), datamodule)
+
+
+def test_compile_towers_option(tmp_path: Path, datamodule: DemoDataModule) -> None:
+    """Off by default; a backend compiles both towers in place (names unchanged, training runs); an unusable
+    backend warns and trains eagerly."""
+    module = _module(len(datamodule.tokenizer), compile_towers="eager")
+    _trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, datamodule=datamodule)
+    assert module.model.image_tower._compiled_call_impl is not None
+    assert module.model.text_tower._compiled_call_impl is not None
+    assert all(not name.startswith("_orig_mod") for name in module.model.state_dict())
+    module = _module(len(datamodule.tokenizer), compile_towers="no_such_backend")
+    with pytest.warns(UserWarning, match="towers run eagerly"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=datamodule)
+    assert module.model.image_tower._compiled_call_impl is None
+    assert _module(len(datamodule.tokenizer)).compile_towers is False
+
+
+def test_frozen_tower_stays_in_eval_mode_without_gradients() -> None:
+    model = DualEncoder(ImageTower("test_efficientnet"), TextTower(config=TINY_BERT), freeze_image_tower=True)
+    model.train()
+    assert not model.image_tower.training
+    assert model.text_tower.training
+    assert not any(p.requires_grad for p in model.image_tower.parameters())
+    groups = weight_decay_param_groups(model)
+    trainable = {id(p) for group in groups for p in group["params"]}
+    assert not trainable & {id(p) for p in model.image_tower.parameters()}

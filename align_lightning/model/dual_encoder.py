@@ -36,6 +36,9 @@ class DualEncoder(nn.Module):
         min_temperature: Lower clamp of the temperature.
         learnable_temperature: Learn the temperature (ALIGN) or keep it fixed at its initial value.
         grad_checkpointing: Recompute tower activations in the backward pass to save memory.
+        freeze_image_tower: Train without updating the image tower (LiT's "locked image tuning"):
+            its parameters get no gradients and it stays in eval mode (BatchNorm statistics frozen).
+        freeze_text_tower: The same for the text tower.
 
     Raises:
         ConfigError: If ``embed_dim`` differs from the image feature width without an image
@@ -52,6 +55,8 @@ class DualEncoder(nn.Module):
         min_temperature: float = 0.01,
         learnable_temperature: bool = True,
         grad_checkpointing: bool = False,
+        freeze_image_tower: bool = False,
+        freeze_text_tower: bool = False,
     ) -> None:
         super().__init__()
         image_dim, text_dim = int(image_tower.output_dim), int(text_tower.output_dim)
@@ -81,6 +86,17 @@ class DualEncoder(nn.Module):
         self.embed_dim = embed_dim
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
+        self.frozen_towers = [t for t, f in ((image_tower, freeze_image_tower), (text_tower, freeze_text_tower)) if f]
+        for tower in self.frozen_towers:
+            tower.requires_grad_(False)
+            tower.eval()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Set training mode; frozen towers stay in eval mode."""
+        super().train(mode)
+        for tower in self.frozen_towers:
+            tower.eval()
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Switch activation (gradient) checkpointing on or off in both towers."""

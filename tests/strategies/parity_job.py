@@ -5,6 +5,7 @@
 
 ``step``: one SGD step on the global batch of :func:`make_batch`; rank 0 writes the updated full
 parameters (``params.pt``); with FSDP2 also a full-state-dict checkpoint (``full.ckpt``).
+``frozen``: as ``step`` with the image tower frozen (LiT), writing ``params.pt``.
 ``bf16``: one SGD step with ``FSDP2Strategy(param_dtype="bfloat16")``; rank 0 writes ``bf16.pt``.
 ``resume``: AdamW, two steps straight versus one step, a sharded (distributed) checkpoint, and a
 fresh run resumed from it for the second step; rank 0 writes both parameter sets (``resume.pt``).
@@ -34,9 +35,9 @@ BERT = {
 GLOBAL_BATCH, WORLD = 8, 2
 
 
-def make_model() -> DualEncoder:
+def make_model(**kwargs: bool) -> DualEncoder:
     torch.manual_seed(0)
-    return DualEncoder(ImageTower("test_efficientnet"), TextTower(config=BERT), temperature_init=0.2)
+    return DualEncoder(ImageTower("test_efficientnet"), TextTower(config=BERT), temperature_init=0.2, **kwargs)
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -72,9 +73,10 @@ def _trainer(strategy: object, max_steps: int, root: Path) -> L.Trainer:
     )  # fmt: skip
 
 
-def _module(optimizer: object) -> ALIGNModule:
+def _module(optimizer: object, **model_kwargs: bool) -> ALIGNModule:
     schedule = partial(WarmupLinearDecay, warmup_steps=0, total_steps=100)
-    return ALIGNModule(make_model(), ContrastiveLoss(label_smoothing=0.1), optimizer=optimizer, lr_scheduler=schedule)
+    model = make_model(**model_kwargs)
+    return ALIGNModule(model, ContrastiveLoss(label_smoothing=0.1), optimizer=optimizer, lr_scheduler=schedule)
 
 
 def _full_params(module: ALIGNModule) -> dict[str, torch.Tensor]:
@@ -95,12 +97,12 @@ def main(kind: str, mode: str, out: Path) -> None:
     # Each rank its own rows, in a known order (Lightning's sampler would shuffle them).
     rank = int(os.environ["RANK"])
     loader = DataLoader(Subset(_Rows(), rank_rows(rank)), batch_size=GLOBAL_BATCH // WORLD)
-    if mode == "step":
+    if mode in ("step", "frozen"):
         trainer = _trainer(_strategy(kind, save_distributed_checkpoint=False), 1, out)
-        module = _module(partial(torch.optim.SGD, lr=0.5))
+        module = _module(partial(torch.optim.SGD, lr=0.5), freeze_image_tower=mode == "frozen")
         trainer.fit(module, train_dataloaders=loader)
         params = _full_params(module)
-        if kind == "fsdp2":
+        if kind == "fsdp2" and mode == "step":
             trainer.save_checkpoint(out / "full.ckpt")
         if trainer.is_global_zero:
             torch.save(params, out / "params.pt")
