@@ -137,3 +137,32 @@ def test_quickstart_with_ddp_on_two_cpu_processes(tmp_path: Path) -> None:
     metrics = json.loads(next(tmp_path.glob("quickstart/version_*/metrics.json")).read_text())
     assert cli.trainer.world_size == 2
     assert {"train/loss", "val/loss", "val/demo/i2t_R@1"} <= set(metrics)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp2", "fsdp_align"])
+@pytest.mark.parametrize("recipe_path", TRAINING, ids=[p.stem for p in TRAINING])
+def test_recipe_accepts_every_strategy(recipe_path: Path, strategy: str, tmp_path: Path) -> None:
+    """Each training recipe builds with each supported strategy value (2 devices; nothing is launched)."""
+    import torch
+    from lightning.pytorch.core.datamodule import LightningDataModule
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from align_lightning import ALIGNModule
+    from align_lightning.cli import ALIGNCLI
+    from align_lightning.strategies import FSDP2Strategy
+
+    if strategy == "fsdp_align" and not torch.cuda.is_available():
+        pytest.skip("fsdp_align is FSDP1 (Lightning's FSDPStrategy), which Lightning runs on GPUs only; no CUDA here")
+    config = tmp_path / recipe_path.name
+    config.write_text(yaml.safe_dump(_tiny(yaml.safe_load(recipe_path.read_text()), tmp_path)))
+    cli = ALIGNCLI(
+        ALIGNModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=["--config", str(config), f"--trainer.strategy={strategy}", "--trainer.devices=2"],
+    )
+    expected = {"ddp": DDPStrategy, "ddp_spawn": DDPStrategy, "fsdp2": FSDP2Strategy, "fsdp_align": FSDPStrategy}
+    assert isinstance(cli.trainer.strategy, expected[strategy])
+    assert cli.trainer.num_devices == 2

@@ -92,13 +92,15 @@ def test_fsdp2_sharded_checkpoint_resumes_identically(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_quickstart_runs_with_the_strategy_on_two_cpu_processes(strategy: str, tmp_path: Path) -> None:
-    """The README's command with `--trainer.strategy ddp|fsdp2 --trainer.devices 2`, shortened, to completion.
+    """The README's command with `--trainer.strategy ddp|fsdp2 --trainer.devices 2`, shortened, to completion
+    (with gradient clipping by norm and gradient accumulation).
 
     Lightning launches the second process by re-running the command, so it runs as a subprocess.
     """
     command = [
         sys.executable, "-m", "align_lightning", "fit", "--config", "recipes/quickstart.yaml",
         f"--trainer.strategy={strategy}", "--trainer.devices=2", "--trainer.max_steps=4",
+        "--trainer.gradient_clip_val=1.0", "--trainer.accumulate_grad_batches=2",
         "--trainer.val_check_interval=4", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
         "--data.init_args.num_train=256", "--data.init_args.num_val=16", "--data.init_args.batch_size=16",
         "--data.init_args.num_workers=0", f"--data.init_args.root={tmp_path / 'demo'}",
