@@ -15,13 +15,14 @@
 #   strategies: benchmarks/strategies_gpu.py, ALIGN-base (EfficientNet-B7 + BERT-base, 289 px) under
 #      DDP, FSDP2 and FSDP1 with bf16 for a few dozen steps: samples/s, peak memory, MFU, loss falls;
 #   quickstart: the quickstart recipe (its evaluation callbacks included) under fsdp_align (FSDP1) and
-#      fsdp2 on the GPU.
+#      fsdp2 on the GPU;
+#   fsdp1: FSDP1 with a frozen image tower and a sharded checkpoint, then a run resumed from it.
 # All sections by default. Prints one table per step; record the output in benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
 accelerator=${ACCELERATOR:-gpu}
-sections=" ${SECTIONS:-evaluation gallery strategies quickstart} "
+sections=" ${SECTIONS:-evaluation gallery strategies quickstart fsdp1} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -89,4 +90,20 @@ if [[ $sections == *" quickstart "* ]]; then
       >"$out/quickstart_$strategy.log" 2>&1 || { tail -n 30 "$out/quickstart_$strategy.log"; exit 1; }
     python3 benchmarks/_compare_eval.py "$out/$strategy" "$strategy" --quickstart
   done
+fi
+
+# -- FSDP1: a frozen tower and a sharded checkpoint, resumed (GPU only) -------------------------------------
+if [[ $sections == *" fsdp1 "* && $accelerator == gpu ]]; then
+  fsdp1=(--trainer.strategy.class_path align_lightning.strategies.ALIGNFSDPStrategy
+    --trainer.strategy.init_args.state_dict_type sharded --model.model.init_args.freeze_image_tower true)
+  common=("${quiet[@]}" --trainer.accelerator gpu --trainer.devices 1 --trainer.limit_val_batches 0
+    --data.init_args.num_train 2048 --data.init_args.num_val 256 --data.init_args.num_workers 4
+    --data.init_args.root "$out/demo" --trainer.logger.init_args.save_dir "$out/fsdp1")
+  python3 -m align_lightning fit --config recipes/quickstart.yaml "${common[@]}" "${fsdp1[@]}" --trainer.max_steps 20 \
+    >"$out/fsdp1_first.log" 2>&1 || { tail -n 30 "$out/fsdp1_first.log"; exit 1; }
+  ckpt=$(ls -d "$out"/fsdp1/quickstart/version_0/checkpoints/* | tail -n 1)
+  [ -d "$ckpt" ] || { echo "FSDP1 sharded checkpoint is not a folder: $ckpt"; exit 1; }
+  python3 -m align_lightning fit --config recipes/quickstart.yaml "${common[@]}" "${fsdp1[@]}" --trainer.max_steps 30 \
+    --ckpt_path "$ckpt" >"$out/fsdp1_resumed.log" 2>&1 || { tail -n 30 "$out/fsdp1_resumed.log"; exit 1; }
+  echo "FSDP1 with a frozen image tower: sharded checkpoint $(basename "$ckpt") written at step 20, resumed to step 30"
 fi
