@@ -235,7 +235,27 @@ def _check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ConfigError("num_workers", num_workers, "must be non-negative.")
 
 
-class RetrievalDataModule(pl.LightningDataModule):
+class _EvaluationDataModule(pl.LightningDataModule):
+    """The Trainer's validation, test and predict loaders of an evaluation set: :meth:`evaluation_dataloader`."""
+
+    def evaluation_dataloader(self) -> DataLoader:  # pragma: no cover - every subclass defines it
+        """Every item of this rank's share, in one loader."""
+        raise NotImplementedError
+
+    def val_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """:meth:`evaluation_dataloader`."""
+        return self.evaluation_dataloader()
+
+
+class RetrievalDataModule(_EvaluationDataModule):
     """Image-text retrieval evaluation data from a Karpathy split JSON (Flickr30K, COCO, or any in that format).
 
     The file holds ``{"images": [{"filepath": optional, "filename", "split", "sentences": [{"raw"}, ...]}]}``;
@@ -435,18 +455,6 @@ class RetrievalDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        """:meth:`evaluation_dataloader`."""
-        return self.evaluation_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        """:meth:`evaluation_dataloader`."""
-        return self.evaluation_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """:meth:`evaluation_dataloader`."""
-        return self.evaluation_dataloader()
-
 
 # --------------------------------------------------------------------------------------------------
 # Zero-shot
@@ -486,7 +494,7 @@ def _resolve_templates(templates: str | os.PathLike[str] | Sequence[str]) -> lis
     return resolved
 
 
-class ZeroShotDataModule(pl.LightningDataModule):
+class ZeroShotDataModule(_EvaluationDataModule):
     """Zero-shot classification evaluation data from an ImageFolder (``root/<class_dir>/<image>``).
 
     Classes are the sorted subfolders of ``root`` (as torchvision's ``ImageFolder``; images found
@@ -639,14 +647,6 @@ class ZeroShotDataModule(pl.LightningDataModule):
         """Each image once (this rank's share): ``{"pixel_values": (B, 3, S, S), "target": (B,), "index": (B,)}``."""
         return _loader(_ImageFiles(self.images, self.transform, targets=self.targets.tolist()), self)
 
-    def val_dataloader(self) -> DataLoader:
-        """The image loader."""
-        return self.image_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        """The image loader."""
-        return self.image_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        """The image loader."""
+    def evaluation_dataloader(self) -> DataLoader:
+        """The image loader (the Trainer's validation, test and predict loader)."""
         return self.image_dataloader()
