@@ -18,10 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align_lightning.losses._distributed import all_gather_with_grad, distributed_world
+from align_lightning.losses.blockwise import blockwise_cross_entropy
 
-__all__ = ["ContrastiveLoss", "contrastive_loss"]
+__all__ = ["AUTO_BLOCK_SIZE", "AUTO_BLOCKWISE_ABOVE", "ContrastiveLoss", "contrastive_loss"]
 
 Reduction = Literal["mean", "sum"]
+#: ``block_size="auto"``: the blockwise loss, in tiles of this many columns, when the global batch
+#: exceeds :data:`AUTO_BLOCKWISE_ABOVE` (dense logits of 8,192 x 8,192 float32 are 256 MiB per matrix).
+AUTO_BLOCK_SIZE = 4096
+AUTO_BLOCKWISE_ABOVE = 8192
+BlockSize = int | Literal["auto"] | None
 
 
 def _check_inputs(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float) -> None:
@@ -48,9 +54,11 @@ def _contrastive_terms(
     label_smoothing: float,
     gather: bool,
     group: dist.ProcessGroup | None,
+    block_size: BlockSize = None,
 ) -> tuple[Tensor, Tensor]:
     """Return this rank's (image->text, text->image) cross-entropies, scaled as described above."""
     _check_inputs(image_embeds, text_embeds, logit_scale)
+    _check_block_size(block_size)
     # Similarities, softmax and loss in float32 whatever the autocast / parameter dtype: bf16 logits
     # at a logit scale near 100 lose the resolution that separates the positive from the negatives.
     with torch.autocast(device_type=image_embeds.device.type, enabled=False):
@@ -61,20 +69,34 @@ def _contrastive_terms(
         if world_size > 1:
             all_images, offset = all_gather_with_grad(image_embeds, group)
             all_texts, _ = all_gather_with_grad(text_embeds, group)
+        else:
+            all_images, all_texts, offset = image_embeds, text_embeds, 0
+        global_size = all_images.shape[0]
+        norm = world_size / global_size
+        if block_size == "auto":
+            block_size = AUTO_BLOCK_SIZE if global_size > AUTO_BLOCKWISE_ABOVE else None
+        if block_size is not None:
+            # Tiled: each direction's rows against the gathered columns, never materialised at once.
+            loss_i2t = blockwise_cross_entropy(image_embeds, all_texts, scale, offset, label_smoothing, block_size)
+            loss_t2i = blockwise_cross_entropy(text_embeds, all_images, scale, offset, label_smoothing, block_size)
+            return loss_i2t * norm, loss_t2i * norm
+        if world_size > 1:
             logits_i2t = scale * image_embeds @ all_texts.T
             logits_t2i = scale * text_embeds @ all_images.T
-            global_size = all_images.shape[0]
         else:
-            offset, global_size = 0, local_size
             logits_i2t = scale * image_embeds @ text_embeds.T
             logits_t2i = logits_i2t.T
         labels = torch.arange(offset, offset + local_size, device=image_embeds.device)
-        # Sum over local rows, divided by the global batch and multiplied by the world size: the mean
-        # over ranks is then the mean over all B_global rows, also for unequal local batch sizes.
-        norm = world_size / global_size
+        # Sum over local rows, divided by the global batch and multiplied by the world size (norm): the
+        # mean over ranks is then the mean over all B_global rows, also for unequal local batch sizes.
         loss_i2t = F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing, reduction="sum") * norm
         loss_t2i = F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing, reduction="sum") * norm
     return loss_i2t, loss_t2i
+
+
+def _check_block_size(block_size: BlockSize) -> None:
+    if block_size is not None and block_size != "auto" and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be None (dense), 'auto' or a positive column count, got {block_size!r}.")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -98,6 +120,7 @@ def contrastive_loss(
     reduction: Reduction = "mean",
     gather: bool = True,
     group: dist.ProcessGroup | None = None,
+    block_size: BlockSize = None,
 ) -> Tensor:
     """Symmetric InfoNCE over image-text pairs, with negatives from all ranks.
 
@@ -114,14 +137,17 @@ def contrastive_loss(
             each direction is averaged over the global batch.
         gather: Use the embeddings of all ranks of ``group`` as negatives when running distributed.
         group: Process group to gather over (default: the whole job).
+        block_size: ``None``: dense logits; a positive number: the blockwise (tiled) loss in tiles of
+            that many columns, with the same value and gradients and ``O(B_local x block_size)``
+            memory; ``"auto"``: blockwise (tiles of :data:`AUTO_BLOCK_SIZE`) above
+            :data:`AUTO_BLOCKWISE_ABOVE` pairs of global batch.
 
     Returns:
         The scalar loss of this rank. Averaged over ranks (as DDP/FSDP average gradients), loss and
         gradients equal those of a single process holding the whole global batch.
     """
-    return _reduce(
-        *_contrastive_terms(image_embeds, text_embeds, logit_scale, label_smoothing, gather, group), reduction
-    )
+    terms = _contrastive_terms(image_embeds, text_embeds, logit_scale, label_smoothing, gather, group, block_size)
+    return _reduce(*terms, reduction)
 
 
 class ContrastiveLoss(nn.Module):
@@ -131,10 +157,20 @@ class ContrastiveLoss(nn.Module):
         label_smoothing: Cross-entropy label smoothing (ALIGN: 0.1).
         reduction: ``"mean"`` (½ of the sum) or ``"sum"`` (the paper's formula).
         gather: Gather negatives from all ranks when running distributed (ALIGN: yes).
+        block_size: ``"auto"`` (default: blockwise above :data:`AUTO_BLOCKWISE_ABOVE` pairs), ``None``
+            (always dense) or a tile width (always blockwise); see :func:`contrastive_loss`.
     """
 
-    def __init__(self, label_smoothing: float = 0.1, reduction: Reduction = "mean", gather: bool = True) -> None:
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        reduction: Reduction = "mean",
+        gather: bool = True,
+        block_size: BlockSize = "auto",
+    ) -> None:
         super().__init__()
+        _check_block_size(block_size)
+        self.block_size = block_size
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         _check_reduction(reduction)
@@ -149,9 +185,12 @@ class ContrastiveLoss(nn.Module):
             ``{"loss": ..., "loss_i2t": ..., "loss_t2i": ...}`` for this rank.
         """
         loss_i2t, loss_t2i = _contrastive_terms(
-            image_embeds, text_embeds, logit_scale, self.label_smoothing, self.gather, None
+            image_embeds, text_embeds, logit_scale, self.label_smoothing, self.gather, None, self.block_size
         )
         return {"loss": _reduce(loss_i2t, loss_t2i, self.reduction), "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, gather={self.gather}"
+        return (
+            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, gather={self.gather}, "
+            f"block_size={self.block_size!r}"
+        )

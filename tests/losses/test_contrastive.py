@@ -152,12 +152,15 @@ def _reference(sizes: list[int], label_smoothing: float, reduction: str) -> tupl
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-_CASES = {
-    "ws2": ([4, 4], 0.0, "mean"),
-    "ws2-smooth": ([4, 4], 0.1, "mean"),
-    "ws3-smooth": ([3, 3, 3], 0.1, "mean"),
-    "ws3-sum": ([3, 3, 3], 0.0, "sum"),
-    "ws3-uneven-smooth": ([5, 2, 4], 0.1, "mean"),  # unequal local batches (e.g. a short last batch)
+_CASES = {  # (local batch sizes, label smoothing, reduction, block_size)
+    "ws2": ([4, 4], 0.0, "mean", None),
+    "ws2-smooth": ([4, 4], 0.1, "mean", None),
+    "ws3-smooth": ([3, 3, 3], 0.1, "mean", None),
+    "ws3-sum": ([3, 3, 3], 0.0, "sum", None),
+    "ws3-uneven-smooth": ([5, 2, 4], 0.1, "mean", None),  # unequal local batches (e.g. a short last batch)
+    # The blockwise loss over the gathered columns (tiles straddle ranks' rows).
+    "ws2-smooth-blockwise": ([4, 4], 0.1, "mean", 3),
+    "ws3-uneven-smooth-blockwise": ([5, 2, 4], 0.1, "mean", 2),
 }
 
 
@@ -165,11 +168,14 @@ def _worker(rank: int, world_size: int, init_file: str, cases: dict, out: str) -
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         results = {}
-        for case_id, (sizes, smoothing, reduction) in cases.items():
+        for case_id, (sizes, smoothing, reduction, block_size) in cases.items():
             model, x_image, x_text = _global_problem(sizes)
             local = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
             loss = contrastive_loss(
-                *model(x_image[local], x_text[local]), label_smoothing=smoothing, reduction=reduction
+                *model(x_image[local], x_text[local]),
+                label_smoothing=smoothing,
+                reduction=reduction,
+                block_size=block_size,
             )
             loss.backward()
             # What DDP does with gradients, and Lightning's sync_dist with the logged loss: average.
@@ -192,7 +198,7 @@ def _worker(rank: int, world_size: int, init_file: str, cases: dict, out: str) -
 def distributed_results() -> dict[str, dict]:
     """Run every case in one spawned job per world size (spawning dominates the cost)."""
     results: dict[str, dict] = {}
-    for world_size in sorted({len(sizes) for sizes, _, _ in _CASES.values()}):
+    for world_size in sorted({len(sizes) for sizes, *_ in _CASES.values()}):
         cases = {k: v for k, v in _CASES.items() if len(v[0]) == world_size}
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.pt")
@@ -204,8 +210,8 @@ def distributed_results() -> dict[str, dict]:
 @pytest.mark.parametrize("case_id", list(_CASES))
 def test_distributed_equals_single_process_full_batch(case_id: str, distributed_results: dict[str, dict]) -> None:
     """N gloo ranks with the all-gathered local loss == one process holding the global batch."""
-    sizes, smoothing, reduction = _CASES[case_id]
-    ref_loss, ref_grads = _reference(sizes, smoothing, reduction)
+    sizes, smoothing, reduction, _ = _CASES[case_id]
+    ref_loss, ref_grads = _reference(sizes, smoothing, reduction)  # always the dense loss, one process
     result = distributed_results[case_id]
     assert result["loss"] == pytest.approx(ref_loss, abs=1e-5)
     for name, grad in ref_grads.items():
@@ -234,3 +240,62 @@ def test_half_precision_embeddings_with_the_largest_logit_scale_stay_finite() ->
     assert torch.isfinite(half_image.grad).all()
     assert torch.isfinite(half_text.grad).all()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-2)
+
+
+# --- blockwise (tiled) loss -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch", "block_size"), [(37, 5), (37, 1), (37, 37), (37, 100), (8, 3)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_blockwise_equals_dense_value_and_gradients(batch: int, block_size: int, smoothing: float) -> None:
+    torch.manual_seed(batch + block_size)
+    image, text = _embeds(batch)
+    scale = torch.tensor(14.0, requires_grad=True)
+    dense = ContrastiveLoss(label_smoothing=smoothing, block_size=None)(image, text, scale)
+    dense_grads = torch.autograd.grad(dense["loss"], (image, text, scale))
+    tiled = ContrastiveLoss(label_smoothing=smoothing, block_size=block_size)(image, text, scale)
+    tiled_grads = torch.autograd.grad(tiled["loss"], (image, text, scale))
+    for key in ("loss", "loss_i2t", "loss_t2i"):
+        assert tiled[key].item() == pytest.approx(dense[key].item(), abs=1e-5), key
+    for ours, reference in zip(tiled_grads, dense_grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_blockwise_with_a_float_scale_and_large_logits() -> None:
+    """A Python float logit scale (no gradient) and logits near 100: the streaming log-sum-exp stays finite."""
+    image, text = _embeds(20)
+    dense = contrastive_loss(image, text, 100.0, label_smoothing=0.1)
+    tiled = contrastive_loss(image, text, 100.0, label_smoothing=0.1, block_size=6)
+    assert torch.isfinite(tiled)
+    assert tiled.item() == pytest.approx(dense.item(), rel=1e-5)
+
+
+def test_block_size_auto_switches_above_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import align_lightning.losses.contrastive as contrastive
+
+    calls: list[int] = []
+    original = contrastive.blockwise_cross_entropy
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "blockwise_cross_entropy", counted)
+    monkeypatch.setattr(contrastive, "AUTO_BLOCKWISE_ABOVE", 16)
+    monkeypatch.setattr(contrastive, "AUTO_BLOCK_SIZE", 4)
+    image, text = _embeds(16)
+    ContrastiveLoss()(image, text, 10.0)  # 16 pairs: not above the threshold, dense
+    assert calls == []
+    image, text = _embeds(17)
+    ContrastiveLoss()(image, text, 10.0)
+    assert calls == [4, 4]  # both directions, tiles of AUTO_BLOCK_SIZE
+    assert ContrastiveLoss().block_size == "auto"
+
+
+@pytest.mark.parametrize("block_size", [0, -3, "big", 2.5])
+def test_bad_block_size_raises(block_size: object) -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        ContrastiveLoss(block_size=block_size)  # type: ignore[arg-type]
+    image, text = _embeds(4)
+    with pytest.raises(ValueError, match="block_size"):
+        contrastive_loss(image, text, 1.0, block_size=block_size)  # type: ignore[arg-type]
