@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from align_lightning.losses._distributed import all_gather_with_grad, distributed_world
-from align_lightning.losses.blockwise import blockwise_cross_entropy
+from align_lightning.losses.blockwise import blockwise_cross_entropy, symmetric_blockwise_cross_entropy
 
 __all__ = ["AUTO_BLOCK_SIZE", "AUTO_BLOCKWISE_ABOVE", "ContrastiveLoss", "contrastive_loss"]
 
@@ -75,6 +75,12 @@ def _contrastive_terms(
         norm = world_size / global_size
         if block_size == "auto":
             block_size = AUTO_BLOCK_SIZE if global_size > AUTO_BLOCKWISE_ABOVE else None
+        if block_size is not None and world_size == 1:
+            # One process: both directions share every tile of the square similarity matrix.
+            loss_i2t, loss_t2i = symmetric_blockwise_cross_entropy(
+                image_embeds, text_embeds, scale, label_smoothing, block_size
+            )
+            return loss_i2t * norm, loss_t2i * norm
         if block_size is not None:
             # Tiled: each direction's rows against the gathered columns, never materialised at once.
             loss_i2t = blockwise_cross_entropy(image_embeds, all_texts, scale, offset, label_smoothing, block_size)

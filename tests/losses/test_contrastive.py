@@ -274,13 +274,13 @@ def test_block_size_auto_switches_above_the_threshold(monkeypatch: pytest.Monkey
     import align_lightning.losses.contrastive as contrastive
 
     calls: list[int] = []
-    original = contrastive.blockwise_cross_entropy
+    original = contrastive.symmetric_blockwise_cross_entropy
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args[-1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(contrastive, "blockwise_cross_entropy", counted)
+    monkeypatch.setattr(contrastive, "symmetric_blockwise_cross_entropy", counted)
     monkeypatch.setattr(contrastive, "AUTO_BLOCKWISE_ABOVE", 16)
     monkeypatch.setattr(contrastive, "AUTO_BLOCK_SIZE", 4)
     image, text = _embeds(16)
@@ -288,7 +288,7 @@ def test_block_size_auto_switches_above_the_threshold(monkeypatch: pytest.Monkey
     assert calls == []
     image, text = _embeds(17)
     ContrastiveLoss()(image, text, 10.0)
-    assert calls == [4, 4]  # both directions, tiles of AUTO_BLOCK_SIZE
+    assert calls == [4]  # one process: both directions in one tiled pass, tiles of AUTO_BLOCK_SIZE
     assert ContrastiveLoss().block_size == "auto"
 
 
@@ -299,3 +299,22 @@ def test_bad_block_size_raises(block_size: object) -> None:
     image, text = _embeds(4)
     with pytest.raises(ValueError, match="block_size"):
         contrastive_loss(image, text, 1.0, block_size=block_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_symmetric_tiles_equal_two_one_directional_passes(smoothing: float) -> None:
+    """One process's fused pass (each square tile once for both directions) == the row-tiled pass per direction
+    (the one used against gathered columns), values and gradients."""
+    from align_lightning.losses.blockwise import blockwise_cross_entropy, symmetric_blockwise_cross_entropy
+
+    image, text = _embeds(23)
+    scale = torch.tensor(9.0, requires_grad=True)
+    fused = symmetric_blockwise_cross_entropy(image, text, scale, smoothing, 4)
+    fused_grads = torch.autograd.grad(fused[0] + 2 * fused[1], (image, text, scale))
+    i2t = blockwise_cross_entropy(image, text, scale, 0, smoothing, 6)
+    t2i = blockwise_cross_entropy(text, image, scale, 0, smoothing, 6)
+    grads = torch.autograd.grad(i2t + 2 * t2i, (image, text, scale))
+    assert fused[0].item() == pytest.approx(i2t.item(), abs=1e-5)
+    assert fused[1].item() == pytest.approx(t2i.item(), abs=1e-5)
+    for ours, reference in zip(fused_grads, grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
