@@ -328,20 +328,10 @@ class EvaluationCallback(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Collect ``validation_step``'s embeddings when this callback evaluates the trainer's data."""
+        """Collect the validation / test step's embeddings when this callback evaluates the trainer's data."""
         self._collect(trainer, outputs)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Collect ``test_step``'s embeddings when this callback evaluates the trainer's data."""
-        self._collect(trainer, outputs)
+    on_test_batch_end = on_validation_batch_end
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After each validation (in ``fit`` and ``validate``); not during the sanity check."""
