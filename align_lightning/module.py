@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.optim import Optimizer
 from transformers import PreTrainedTokenizerBase
 
+from align_lightning._errors import ConfigError
 from align_lightning.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from align_lightning.eval.callbacks import EvaluationCallback, embed_batch
 from align_lightning.eval.retrieval import retrieval_metrics
+from align_lightning.grad_cache import GradCache
 from align_lightning.losses.contrastive import ContrastiveLoss
 from align_lightning.model.dual_encoder import DualEncoder
 from align_lightning.model.sharding import apply_fsdp2, is_fsdp2_sharded
@@ -68,6 +74,15 @@ class ALIGNModule(L.LightningModule):
         compile_towers: ``torch.compile`` each tower (``True``: the default inductor backend, or a
             backend name). Applied after FSDP2 sharding; where compilation is not supported (no
             compiler toolchain, an unsupported platform) a warning is logged and the towers run eagerly.
+        micro_batch_size: Contrastive gradient caching (:class:`~align_lightning.grad_cache.GradCache`):
+            train on each batch in micro-batches of this many pairs, with the loss and its negatives
+            over the whole batch (of all ranks) and the memory of one micro-batch, for one extra
+            forward pass. The gradients are those of the whole batch (BatchNorm statistics per
+            micro-batch). ``None`` (default): the batch in one pass. Composes with DDP, FSDP2, mixed
+            precision, activation checkpointing, gradient clipping and accumulation; not with FSDP1.
+
+    Raises:
+        ConfigError: If ``micro_batch_size`` is not positive.
     """
 
     def __init__(
@@ -78,6 +93,7 @@ class ALIGNModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable = WarmupLinearDecay,
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
         compile_towers: bool | str = False,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         # Built by LightningCLI, the hyper-parameters are the recipe's config (modules included as
@@ -94,6 +110,10 @@ class ALIGNModule(L.LightningModule):
         self.retrieval_ks = tuple(retrieval_ks)
         self.compile_towers = compile_towers
         self._towers_compiled = False
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ConfigError("micro_batch_size", micro_batch_size, "must be a positive number of pairs, or null.")
+        self.micro_batch_size = micro_batch_size
+        self._grads_cached = False
         self._eval_embeds: list[tuple[Tensor, Tensor]] = []
         self._last_step_time: float | None = None
         #: The text tower's tokenizer: the DataModule's, or the one restored from a checkpoint.
@@ -173,14 +193,78 @@ class ALIGNModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One contrastive step on a batch of ``pixel_values``, ``input_ids``, ``attention_mask``."""
-        terms, _, _, logit_scale = self._step_loss(batch)
         batch_size = batch["input_ids"].shape[0]
+        if self.micro_batch_size is not None and batch_size > self.micro_batch_size:
+            terms, to_backward, logit_scale = self._grad_cache_step(batch, batch_idx)
+        else:
+            terms, _, _, logit_scale = self._step_loss(batch)
+            to_backward = terms["loss"]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=batch_size)
         self.log_dict({"train/loss_i2t": terms["loss_i2t"], "train/loss_t2i": terms["loss_t2i"]}, batch_size=batch_size)
         # The temperature the forward pass used (under FSDP the parameter is a shard outside forward).
         temperature = 1.0 / logit_scale.detach().float()
         self.log("train/temperature", temperature, prog_bar=True, batch_size=batch_size)
-        return terms["loss"]
+        return to_backward
+
+    # -- gradient caching ------------------------------------------------------------------------
+
+    def _grad_cache_step(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Embed, score and back-propagate all micro-batches but the last; Lightning back-propagates the last.
+
+        The earlier micro-batches' gradients are accumulated into ``.grad`` here, inside the training
+        step, so Lightning's ``zero_grad`` (which it calls after the training step, before its backward)
+        is done at the start of the step instead (:meth:`optimizer_zero_grad`). Their backward passes do
+        not synchronise gradients: under DDP the reducer only acts on the backward after the training
+        step, and FSDP2's gradient sync is switched off for them; the last backward synchronises the sum.
+        """
+        trainer = self.trainer
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # the first batch of an optimizer step
+            for optimizer in trainer.optimizers:
+                optimizer.zero_grad()
+            self._grads_cached = True
+        scaler = getattr(trainer.strategy.precision_plugin, "scaler", None)
+        divisor = trainer.accumulate_grad_batches  # Lightning divides the returned loss likewise
+
+        def backward(surrogate: Tensor) -> None:
+            surrogate = surrogate / divisor
+            if scaler is not None:
+                surrogate = scaler.scale(surrogate)
+            with self._gradient_sync_disabled():
+                surrogate.backward()
+
+        cache = GradCache(self, self.loss, self.micro_batch_size, modules=self.model)
+        return cache.step(batch, backward, device=self.device)
+
+    @contextmanager
+    def _gradient_sync_disabled(self) -> Iterator[None]:
+        """FSDP2: accumulate unsharded gradients without reduce-scatter (restored afterwards)."""
+        if not is_fsdp2_sharded(self.model):
+            yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Optimizer) -> None:
+        """Zero the gradients, unless gradient caching already did at the start of this step (the step's
+        earlier micro-batches are in them)."""
+        if self._grads_cached:
+            self._grads_cached = False
+            return
+        optimizer.zero_grad()
+
+    def on_fit_start(self) -> None:
+        """Refuse gradient caching under FSDP1, whose wrapped forward cannot run backward passes inside."""
+        if self.micro_batch_size is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            strategy = type(self.trainer.strategy).__name__
+            raise ValueError(
+                f"micro_batch_size (gradient caching) is not supported under FSDP1 ({strategy}): use "
+                "--trainer.strategy fsdp2 (FSDP2) or ddp."
+            )
+        if self.micro_batch_size is not None and not self.automatic_optimization:
+            raise ValueError("micro_batch_size (gradient caching) needs automatic optimization.")
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Log the learning rate and the global throughput (samples/s over all ranks)."""

@@ -9,6 +9,8 @@ parameters (``params.pt``); with FSDP2 also a full-state-dict checkpoint (``full
 ``bf16``: one SGD step with ``FSDP2Strategy(param_dtype="bfloat16")``; rank 0 writes ``bf16.pt``.
 ``resume``: AdamW, two steps straight versus one step, a sharded (distributed) checkpoint, and a
 fresh run resumed from it for the second step; rank 0 writes both parameter sets (``resume.pt``).
+``gradcache`` (kind ``both``): one SGD step on a global batch of :data:`CACHED_BATCH` with gradient
+caching in micro-batches of :data:`MICRO_BATCH`, under DDP then FSDP2; rank 0 writes ``gradcache.pt``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ BERT = {
     "attention_probs_dropout_prob": 0.0,
 }  # fmt: skip
 GLOBAL_BATCH, WORLD = 8, 2
+#: Gradient caching: a global batch of 64, each rank's 32 pairs in 8 micro-batches of 4.
+CACHED_BATCH, MICRO_BATCH = 64, 4
 
 
 def make_model(**kwargs: bool) -> DualEncoder:
@@ -40,26 +44,26 @@ def make_model(**kwargs: bool) -> DualEncoder:
     return DualEncoder(ImageTower("test_efficientnet"), TextTower(config=BERT), temperature_init=0.2, **kwargs)
 
 
-def make_batch() -> dict[str, torch.Tensor]:
+def make_batch(size: int = GLOBAL_BATCH) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(5, BERT["vocab_size"], (GLOBAL_BATCH, 12), generator=generator)
+    input_ids = torch.randint(5, BERT["vocab_size"], (size, 12), generator=generator)
     mask = torch.ones_like(input_ids)
     mask[::3, 9:] = 0
-    pixels = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
+    pixels = torch.randn(size, 3, 32, 32, generator=generator)
     return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask}
 
 
-def rank_rows(rank: int) -> list[int]:
+def rank_rows(rank: int, size: int = GLOBAL_BATCH) -> list[int]:
     """The rows rank ``rank`` trains on."""
-    return list(range(rank, GLOBAL_BATCH, WORLD))
+    return list(range(rank, size, WORLD))
 
 
 class _Rows(Dataset):
-    def __init__(self) -> None:
-        self.batch = make_batch()
+    def __init__(self, size: int = GLOBAL_BATCH) -> None:
+        self.batch = make_batch(size)
 
     def __len__(self) -> int:
-        return GLOBAL_BATCH
+        return len(self.batch["input_ids"])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {key: value[index] for key, value in self.batch.items()}
@@ -73,10 +77,11 @@ def _trainer(strategy: object, max_steps: int, root: Path) -> L.Trainer:
     )  # fmt: skip
 
 
-def _module(optimizer: object, **model_kwargs: bool) -> ALIGNModule:
+def _module(optimizer: object, micro_batch_size: int | None = None, **model_kwargs: bool) -> ALIGNModule:
     schedule = partial(WarmupLinearDecay, warmup_steps=0, total_steps=100)
     model = make_model(**model_kwargs)
-    return ALIGNModule(model, ContrastiveLoss(label_smoothing=0.1), optimizer=optimizer, lr_scheduler=schedule)
+    loss = ContrastiveLoss(label_smoothing=0.1)
+    return ALIGNModule(model, loss, optimizer=optimizer, lr_scheduler=schedule, micro_batch_size=micro_batch_size)
 
 
 def _full_params(module: ALIGNModule) -> dict[str, torch.Tensor]:
@@ -96,6 +101,18 @@ def _strategy(kind: str, **kwargs: object) -> object:
 def main(kind: str, mode: str, out: Path) -> None:
     # Each rank its own rows, in a known order (Lightning's sampler would shuffle them).
     rank = int(os.environ["RANK"])
+    if mode == "gradcache":
+        rows = Subset(_Rows(CACHED_BATCH), rank_rows(rank, CACHED_BATCH))
+        loader = DataLoader(rows, batch_size=CACHED_BATCH // WORLD)
+        results = {}
+        for strategy in ("ddp", "fsdp2"):
+            trainer = _trainer(_strategy(strategy), 1, out / strategy)
+            module = _module(partial(torch.optim.SGD, lr=0.5), micro_batch_size=MICRO_BATCH)
+            trainer.fit(module, train_dataloaders=loader)
+            results[strategy] = _full_params(module)
+        if rank == 0:
+            torch.save(results, out / "gradcache.pt")
+        return
     loader = DataLoader(Subset(_Rows(), rank_rows(rank)), batch_size=GLOBAL_BATCH // WORLD)
     if mode in ("step", "frozen"):
         trainer = _trainer(_strategy(kind, save_distributed_checkpoint=False), 1, out)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from align_lightning import ALIGNModule, ContrastiveLoss, DualEncoder
-from tests.strategies.parity_job import WORLD, make_batch, make_model, rank_rows
+from tests.strategies.parity_job import CACHED_BATCH, MICRO_BATCH, WORLD, make_batch, make_model, rank_rows
 
 JOB = Path(__file__).with_name("parity_job.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -34,13 +34,17 @@ def _launch(kind: str, mode: str, out: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-def _reference_step(lr: float, **model_kwargs: bool) -> dict[str, torch.Tensor]:
-    """One SGD step of one process on the global batch, BatchNorm statistics per rank's rows."""
+def _reference_step(lr: float, size: int | None = None, micro: int | None = None, **model_kwargs: bool) -> dict:
+    """One SGD step of one process on the global batch, BatchNorm statistics per rank's rows (per
+    micro-batch of ``micro`` of a rank's rows, when given)."""
     model = make_model(**model_kwargs)
-    batch = make_batch()
-    images = torch.cat([model.encode_image(batch["pixel_values"][rank_rows(r)]) for r in range(WORLD)])
+    batch = make_batch(*([size] if size else []))
+    groups = [rank_rows(r, *([size] if size else [])) for r in range(WORLD)]
+    if micro is not None:
+        groups = [rows[start : start + micro] for rows in groups for start in range(0, len(rows), micro)]
+    images = torch.cat([model.encode_image(batch["pixel_values"][rows]) for rows in groups])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    texts = torch.cat([model.encode_text(ids[rank_rows(r)], mask[rank_rows(r)]) for r in range(WORLD)])
+    texts = torch.cat([model.encode_text(ids[rows], mask[rows]) for rows in groups])
     loss = ContrastiveLoss(label_smoothing=0.1)(images, texts, model.logit_scale())["loss"]
     loss.backward()
     with torch.no_grad():
@@ -136,3 +140,13 @@ def test_fsdp2_with_a_frozen_image_tower(tmp_path: Path) -> None:
         if name.startswith("image_tower."):
             assert torch.equal(value, initial[name].detach()), name
     _assert_close(params, _reference_step(lr=0.5, freeze_image_tower=True))
+
+
+def test_gradient_caching_under_ddp_and_fsdp2_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """A global batch of 64 (32 pairs per rank, each in 8 micro-batches of 4, gradient caching) takes the
+    single-process step on all 64 pairs, with the gradients synchronised once."""
+    _launch("both", "gradcache", tmp_path)
+    results = torch.load(tmp_path / "gradcache.pt")
+    expected = _reference_step(lr=0.5, size=CACHED_BATCH, micro=MICRO_BATCH)
+    for strategy in ("ddp", "fsdp2"):
+        _assert_close(results[strategy], expected)
