@@ -151,9 +151,9 @@ class GradCache:
                 the device of the batch's first tensor.
 
         Returns:
-            ``(terms, last, logit_scale)``: the full-batch loss terms (detached), the last micro-batch's
-            surrogate scalar whose ``backward()`` completes the gradients (it also carries the logit
-            scale's gradient), and the detached logit scale used.
+            ``(terms, last, logit_scale)``: the full-batch loss terms (detached); a scalar whose value is
+            the full-batch loss and whose ``backward()`` back-propagates the last micro-batch (and the
+            logit scale's gradient), completing the gradients; the detached logit scale used.
         """
         chunks = split_batch(batch, self.micro_batch_size)
         if device is None:
@@ -191,4 +191,6 @@ class GradCache:
                 backward(surrogate)
         _set_rng_state(end_state, device)
         detached = {key: value.detach() for key, value in terms.items()}
-        return detached, surrogate, scale_leaf.detach()
+        # The value of the full-batch loss (for whoever reads it: logs, callbacks), the gradient of the surrogate.
+        last_backward = surrogate + (detached["loss"] - surrogate.detach())
+        return detached, last_backward, scale_leaf.detach()

@@ -16,13 +16,16 @@
 #      DDP, FSDP2 and FSDP1 with bf16 for a few dozen steps: samples/s, peak memory, MFU, loss falls;
 #   quickstart: the quickstart recipe (its evaluation callbacks included) under fsdp_align (FSDP1) and
 #      fsdp2 on the GPU;
-#   fsdp1: FSDP1 with a frozen image tower and a sharded checkpoint, then a run resumed from it.
+#   fsdp1: FSDP1 with a frozen image tower and a sharded checkpoint, then a run resumed from it;
+#   gradcache: ALIGN-base with gradient caching (batch 256 in micro-batches of 64, as
+#      recipes/align_base_1gpu.yaml) under DDP bf16, DDP 16-mixed (gradient scaler) and FSDP2: peak
+#      memory of one micro-batch, samples/s versus the strategies table, loss falls.
 # All sections by default. Prints one table per step; record the output in benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
 accelerator=${ACCELERATOR:-gpu}
-sections=" ${SECTIONS:-evaluation gallery strategies quickstart fsdp1} "
+sections=" ${SECTIONS:-evaluation gallery strategies quickstart fsdp1 gradcache} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -106,4 +109,16 @@ if [[ $sections == *" fsdp1 "* && $accelerator == gpu ]]; then
   python3 -m align_lightning fit --config recipes/quickstart.yaml "${common[@]}" "${fsdp1[@]}" --trainer.max_steps 30 \
     --ckpt_path "$ckpt" >"$out/fsdp1_resumed.log" 2>&1 || { tail -n 30 "$out/fsdp1_resumed.log"; exit 1; }
   echo "FSDP1 with a frozen image tower: sharded checkpoint $(basename "$ckpt") written at step 20, resumed to step 30"
+fi
+
+# -- gradient caching: ALIGN-base at batch 256 in micro-batches of 64 ----------------------------------------
+if [[ $sections == *" gradcache "* ]]; then
+  if [ "$accelerator" = gpu ]; then
+    cached=(--batch-size 256 --micro-batch-size 64 --steps 8 --warmup 2 --pairs 1024)
+    python3 benchmarks/strategies_gpu.py --strategies ddp fsdp2 "${cached[@]}"
+    python3 benchmarks/strategies_gpu.py --strategies ddp --precision 16-mixed "${cached[@]}"
+  else
+    python3 benchmarks/strategies_gpu.py --tiny --device cpu --strategies ddp fsdp2 --image-size 64 --batch-size 16 \
+      --micro-batch-size 4 --steps 8 --warmup 2 --pairs 32 --length 16 --workers 0 --lr 1e-3
+  fi
 fi

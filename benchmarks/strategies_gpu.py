@@ -15,7 +15,12 @@ samples/s is measured over the steps after the first ``--warmup``; MFU = model F
 / the GPU's dense bf16 peak (``--peak-tflops``, 989 for an H100 SXM). A dry run on CPU with tiny
 towers: ``--tiny --device cpu --strategies ddp fsdp2``.
 
+With ``--micro-batch-size`` every step uses contrastive gradient caching
+(``ALIGNModule(micro_batch_size=...)``): the peak memory is then that of one micro-batch (plus the
+batch's pixels), the figure ``recipes/align_base_1gpu.yaml``'s arithmetic rests on.
+
     python benchmarks/strategies_gpu.py                     # H100: the three strategies
+    python benchmarks/strategies_gpu.py --strategies ddp fsdp2 --batch-size 256 --micro-batch-size 64
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ def child(strategy: str, args: argparse.Namespace) -> dict:
     """Train under one strategy; return its measurements."""
     torch.manual_seed(0)
     precision = "32-true" if strategy == "fsdp2" else ("bf16-mixed" if args.device == "cuda" else "32-true")
+    if args.precision and strategy != "fsdp2":
+        precision = args.precision
     if strategy == "fsdp2":
         chosen = FSDP2Strategy(param_dtype="bfloat16" if args.device == "cuda" else None)
     elif strategy == "fsdp_align":
@@ -113,6 +120,7 @@ def child(strategy: str, args: argparse.Namespace) -> dict:
         ContrastiveLoss(label_smoothing=0.1),
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=1e-5),
         lr_scheduler=partial(WarmupLinearDecay, warmup_steps=0, total_steps=10 * args.steps),
+        micro_batch_size=args.micro_batch_size,
     )
     times = _StepTimes()
     trainer = L.Trainer(
@@ -129,7 +137,9 @@ def child(strategy: str, args: argparse.Namespace) -> dict:
     first, last = times.losses[: args.warmup], times.losses[-args.warmup :]
     return {
         "strategy": strategy,
-        "precision": precision + (" + param_dtype bf16" if strategy == "fsdp2" and args.device == "cuda" else ""),
+        "precision": precision
+        + (" + param_dtype bf16" if strategy == "fsdp2" and args.device == "cuda" else "")
+        + (f", micro-batches of {args.micro_batch_size}" if args.micro_batch_size else ""),
         "samples_per_s": samples_per_s,
         "peak_gib": peak,
         "loss_first": sum(first) / len(first),
@@ -152,6 +162,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="gradient caching in micro-batches")
+    parser.add_argument("--precision", default=None, help="Lightning precision for ddp / fsdp_align")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

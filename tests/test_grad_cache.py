@@ -204,3 +204,13 @@ def test_micro_batch_size_is_validated_and_fsdp1_refused() -> None:
     module.trainer = trainer
     with pytest.raises(ValueError, match="fsdp2"):
         module.on_fit_start()
+
+
+def test_the_returned_scalar_is_the_loss() -> None:
+    """What Lightning back-propagates (and hands to callbacks as the step's loss) has the full-batch loss's value."""
+    model = _model()
+    cache = GradCache(_encode(model), ContrastiveLoss(), MICRO, modules=model)
+    terms, last, scale = cache.step(_batch(), Tensor.backward)
+    assert float(last) == pytest.approx(float(terms["loss"]), rel=1e-6)
+    assert last.requires_grad
+    assert float(scale) == pytest.approx(5.0)  # 1 / temperature 0.2

@@ -502,6 +502,9 @@ class WebDataModule(L.LightningDataModule):
         max_skip_fraction: Abort when more than this fraction of the samples read was skipped ...
         skip_check_after: ... once at least this many samples have been read.
         pin_memory: Pin batches in page-locked memory (for GPU training).
+        prefetch_factor: Batches each worker prepares ahead (PyTorch's default, 2, when ``None``);
+            1 bounds host memory for huge batches (a batch of 16,384 pairs at 289 px is 16 GiB of
+            float32 pixels: ``recipes/align_base_1gpu.yaml``). Ignored without workers.
         multiprocessing_context: Start method of the dataloader workers (``"fork"``, ``"spawn"``,
             ``"forkserver"``); ``None`` uses the process's default (``"spawn"`` inside processes
             started with ``spawn``, e.g. ``ddp_spawn``, where each worker then re-imports torch).
@@ -538,6 +541,7 @@ class WebDataModule(L.LightningDataModule):
         max_skip_fraction: float = 0.05,
         skip_check_after: int = 1000,
         pin_memory: bool = False,
+        prefetch_factor: int | None = None,
         multiprocessing_context: str | None = None,
         seed: int = 0,
         name: str = "web",
@@ -555,6 +559,8 @@ class WebDataModule(L.LightningDataModule):
                 f"Need batch_size >= 1, shuffle_buffer >= 1 and num_workers >= 0; got {batch_size}, "
                 f"{shuffle_buffer}, {num_workers}."
             )
+        if prefetch_factor is not None and prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be >= 1 (batches per worker), got {prefetch_factor}.")
         if not 0.0 <= max_skip_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}.")
         self.train_urls = expand_urls(train_urls) if train_urls is not None else []
@@ -580,6 +586,7 @@ class WebDataModule(L.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self.skip_check_after = skip_check_after
         self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.seed = seed
         if tokenizer is None:
@@ -746,6 +753,7 @@ class WebDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
             # Workers start per pass, so each epoch's plan travels with them (no shared state to update).
             persistent_workers=False,

@@ -283,3 +283,15 @@ def test_failed_opens_and_broken_reads_are_retried(tmp_path: Path, monkeypatch: 
     keys = [record.key for record in shards.iter_shard(url, retries=2, backoff=0.01)]
     assert keys == [f"{i:09d}" for i in range(12)]  # every record once, in order
     assert len(attempts) == 3
+
+
+def test_prefetch_factor_reaches_the_dataloader(tmp_path: Path) -> None:
+    """Huge batches (align_base_1gpu.yaml) bound host memory with one batch in flight per worker."""
+    write_shards(str(tmp_path / "{:02d}.tar"), 20, per_shard=10)
+    dm = WebDataModule(str(tmp_path / "{00..01}.tar"), num_workers=1, prefetch_factor=1, **COMMON)
+    assert dm._make_loader(dm.train_urls, True).prefetch_factor == 1
+    assert sum(len(b["keys"]) for b in dm.train_dataloader()) == 20
+    without_workers = WebDataModule(str(tmp_path / "{00..01}.tar"), num_workers=0, prefetch_factor=1, **COMMON)
+    assert without_workers._make_loader(without_workers.train_urls, True).prefetch_factor is None
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        WebDataModule(str(tmp_path / "00.tar"), prefetch_factor=0, **COMMON)
