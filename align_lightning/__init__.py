@@ -15,6 +15,7 @@ _EXPORTS = {
     "ALIGNModule": "align_lightning.module",
     "ContrastiveLoss": "align_lightning.losses",
     "DualEncoder": "align_lightning.model",
+    "GradCache": "align_lightning.grad_cache",
     "ImageTower": "align_lightning.model",
     "TextTower": "align_lightning.model",
     "contrastive_loss": "align_lightning.losses",
@@ -24,6 +25,7 @@ __all__ = [
     "ALIGNModule",
     "ContrastiveLoss",
     "DualEncoder",
+    "GradCache",
     "ImageTower",
     "TextTower",
     "__version__",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from align_lightning.grad_cache import GradCache
     from align_lightning.losses import ContrastiveLoss, contrastive_loss
     from align_lightning.model import DualEncoder, ImageTower, TextTower
     from align_lightning.module import ALIGNModule

@@ -150,3 +150,5 @@ def test_gradient_caching_under_ddp_and_fsdp2_equals_one_process_on_the_global_b
     expected = _reference_step(lr=0.5, size=CACHED_BATCH, micro=MICRO_BATCH)
     for strategy in ("ddp", "fsdp2"):
         _assert_close(results[strategy], expected)
+    # DDP synchronises once per step: as many bucket all-reduces as a step without caching, not 8 times more.
+    assert results[f"ddp_reductions_{MICRO_BATCH}"] == results["ddp_reductions_None"] > 0
