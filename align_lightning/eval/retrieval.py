@@ -1,15 +1,18 @@
 """Exact image<->text retrieval recall@K (and median rank) from embeddings, in one chunked pass.
 
-Tie convention (``ties="topk"``, the default): a query's rank is the number of gallery items that
-score *strictly higher* than its best positive; R@K is a hit when that rank is below K, except when
-the positive's group of exactly tied scores straddles position K (some tied items fit in the top K,
-some do not). Then the hit is decided as CLIP_benchmark decides it: ``torch.topk(scores, k)`` on the
-query's score row and a check whether a positive is among the returned indices. ``torch.topk`` picks
-among tied items in an unspecified, implementation-dependent order (``topk(5)`` and ``topk(10)`` of
-one row may even pick different tied items), so in those rare rows this reproduces CLIP_benchmark's
-value on the same device and torch build rather than a principled rule. ``ties="optimistic"``
-instead counts every boundary tie as a hit (rank = number of strictly higher scores; monotone in K).
-Median rank always uses the optimistic rank (1-based: ``1 + #strictly higher``).
+Tie convention (``ties="topk"``, the default): R@K is a hit when a positive is among the K items
+``torch.topk`` returns for the query, as CLIP_benchmark computes it. A query is decided from counts
+in the chunked pass when the answer cannot depend on rounding: fewer than K items score within
+:data:`TIE_TOLERANCE` of (or above) its best positive means a hit, K items scoring more than
+``TIE_TOLERANCE`` above it a miss. The rare queries in between (exact ties such as one caption
+shared by several images, or scores equal up to float32 rounding, which differs between matrix
+products of different shapes) are decided as CLIP_benchmark decides them: ``torch.topk(scores, k)``
+on the query's scores, all computed in one product, and a check whether a positive is among the
+returned indices. ``torch.topk`` picks among exactly tied items in an implementation-dependent
+order, so those rows reproduce CLIP_benchmark's value on the same device and torch build rather
+than a principled rule. ``ties="optimistic"`` instead counts every boundary tie as a hit (rank =
+number of strictly higher scores; monotone in K). Median rank always uses the optimistic rank
+(1-based: ``1 + #strictly higher``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["retrieval_metrics"]
+__all__ = ["TIE_TOLERANCE", "retrieval_metrics"]
+
+#: Scores this close (cosines of unit vectors) may be ordered differently by two float32 matrix products
+#: of different shapes; queries whose top-K membership hinges on such a margin are decided by ``topk``.
+TIE_TOLERANCE = 1e-5
 
 
 def _median_rank(rank0: Tensor) -> float:
@@ -91,8 +98,8 @@ def retrieval_metrics(
     order = torch.sort(text_to_image, stable=True).indices
     bounds = torch.searchsorted(text_to_image[order], torch.arange(num_images + 1, device=device)).tolist()
 
-    # Positive score of each text, from GEMMs of the same orientation as the blocks below (so that
-    # duplicates of the positive tie with it exactly).
+    # Positive score of each text (a product of another shape than the blocks below may round it
+    # differently: the tolerance band of the counts covers that, boundary queries are re-scored).
     positive = torch.empty(num_texts, device=device)
     for start in range(0, num_images, chunk_size):
         stop = min(start + chunk_size, num_images)
@@ -100,45 +107,55 @@ def retrieval_metrics(
         block = image_embeds[start:stop] @ text_embeds[texts].T
         positive[texts] = block[text_to_image[texts] - start, torch.arange(len(texts), device=device)]
 
-    i2t_greater = torch.empty(num_images, dtype=torch.long, device=device)
-    i2t_equal = torch.empty(num_images, dtype=torch.long, device=device)
-    t2i_greater = torch.zeros(num_texts, dtype=torch.long, device=device)
-    t2i_equal = torch.zeros(num_texts, dtype=torch.long, device=device)
+    exact = median_rank or ties == "optimistic"  # the number of strictly higher scores is needed
+    topk_ties = ties == "topk"
+    zeros_i, zeros_t = (torch.zeros(n, dtype=torch.long, device=device) for n in (num_images, num_texts))
+    i2t_greater, t2i_greater = zeros_i.clone(), zeros_t.clone()  # scores > the best positive
+    i2t_above, t2i_above = zeros_i.clone(), zeros_t.clone()  # scores > best positive + tolerance
+    i2t_within, t2i_within = zeros_i.clone(), zeros_t.clone()  # scores >= best positive - tolerance
+
+    def count(condition: Tensor, dim: int) -> Tensor:
+        # Summed as float32 (exact below 2**24, far faster than bool -> int64 on CPU).
+        return condition.sum(dim=dim, dtype=torch.float32).long()
+
     for start in range(0, num_images, chunk_size):
         stop = min(start + chunk_size, num_images)
         sims = image_embeds[start:stop] @ text_embeds.T  # (chunk, N_texts)
         texts = order[bounds[start] : bounds[stop]]
         rows = text_to_image[texts] - start
         sims[rows, texts] = positive[texts]  # both directions see the same positive scores
-        # Image -> text: best positive of each image (-inf without captions), then count above/equal.
+        # Image -> text: best positive of each image (-inf without captions), then count above it.
         best = torch.full((stop - start,), float("-inf"), device=device).scatter_reduce(
             0, rows, positive[texts], reduce="amax"
-        )
-        # Counts are summed as float32 (exact below 2**24, far faster than bool -> int64 on CPU). The tie
-        # counts include the positive itself and are only needed to spot ties at the top-k boundary.
-        i2t_greater[start:stop] = (sims > best[:, None]).sum(dim=1, dtype=torch.float32).long()
-        t2i_greater += (sims > positive).sum(dim=0, dtype=torch.float32).long()
-        if ties == "topk":
-            i2t_equal[start:stop] = (sims == best[:, None]).sum(dim=1, dtype=torch.float32).long()
-            t2i_equal += (sims == positive).sum(dim=0, dtype=torch.float32).long()
+        )[:, None]
+        if exact:
+            i2t_greater[start:stop] = count(sims > best, 1)
+            t2i_greater += count(sims > positive, 0)
+        if topk_ties:
+            i2t_above[start:stop] = count(sims > best + TIE_TOLERANCE, 1)
+            i2t_within[start:stop] = count(sims >= best - TIE_TOLERANCE, 1)
+            t2i_above += count(sims > positive + TIE_TOLERANCE, 0)
+            t2i_within += count(sims >= positive - TIE_TOLERANCE, 0)
 
     metrics: dict[str, float] = {}
     has_caption = torch.zeros(num_images, dtype=torch.bool, device=device)
     has_caption[text_to_image] = True
     for k in ks:
-        i2t_hit = (i2t_greater < k) & has_caption  # an image without captions is never retrieved correctly
-        t2i_hit = t2i_greater < k
-        if ties == "topk":
-            # Rows whose tied group straddles position k: decide as CLIP_benchmark does, with torch.topk.
-            for query in (i2t_hit & (i2t_greater + i2t_equal > k)).nonzero().flatten().tolist():
-                scores = text_embeds @ image_embeds[query]
-                scores[text_to_image == query] = positive[text_to_image == query]
-                top = scores.topk(k).indices
+        if not topk_ties:
+            i2t_hit = (i2t_greater < k) & has_caption  # an image without captions is never retrieved correctly
+            t2i_hit = t2i_greater < k
+        else:
+            # Certain hits: all items within the tolerance of the positive (itself included) fit in the top k.
+            i2t_hit = (i2t_within <= k) & has_caption
+            t2i_hit = t2i_within <= k
+            # Undecided: fewer than k items are clearly above, but the band around the positive straddles k.
+            # Decide as CLIP_benchmark does, with torch.topk on the query's scores from one product.
+            for query in ((i2t_above < k) & ~i2t_hit & has_caption).nonzero().flatten().tolist():
+                top = (text_embeds @ image_embeds[query]).topk(k).indices
                 i2t_hit[query] = bool((text_to_image[top] == query).any())
-            for query in (t2i_hit & (t2i_greater + t2i_equal > k)).nonzero().flatten().tolist():
-                scores = image_embeds @ text_embeds[query]
-                scores[text_to_image[query]] = positive[query]
-                t2i_hit[query] = bool((scores.topk(k).indices == text_to_image[query]).any())
+            for query in ((t2i_above < k) & ~t2i_hit).nonzero().flatten().tolist():
+                top = (image_embeds @ text_embeds[query]).topk(k).indices
+                t2i_hit[query] = bool((top == text_to_image[query]).any())
         metrics[f"i2t_R@{k}"] = i2t_hit.float().mean().item()
         metrics[f"t2i_R@{k}"] = t2i_hit.float().mean().item()
     if median_rank:

@@ -120,6 +120,20 @@ def test_equals_clip_benchmark_with_exact_ties(seed: int) -> None:
         assert optimistic[f"t2i_R@{k}"] == pytest.approx((t2i_rank < k).float().mean().item())
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_equals_clip_benchmark_with_duplicate_captions(seed: int) -> None:
+    """The same caption for several images (COCO and Flickr30K have some): float embeddings whose dot products
+    round, tied exactly only between duplicates. Every score of a boundary row must come from one product."""
+    generator = torch.Generator().manual_seed(seed)
+    images = F.normalize(torch.randn(24, 16, generator=generator), dim=-1)
+    distinct = F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    texts = distinct[torch.randint(0, 6, (48,), generator=generator)]
+    text_to_image = torch.arange(24).repeat_interleave(2)
+    reference = _clip_benchmark(images, texts, text_to_image, KS)
+    for chunk_size in (1, 5, 1000):
+        assert retrieval_metrics(images, texts, text_to_image, ks=KS, chunk_size=chunk_size) == reference
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_median_rank_matches_brute_force(tied: bool) -> None:
     generator = torch.Generator().manual_seed(2)
