@@ -169,6 +169,10 @@ def run(args: Sequence[str] | None = None) -> ALIGNCLI:
 TOOLS: dict[str, tuple[str, str]] = {
     "filter": ("align_lightning.data.filtering", "main"),
     "tokenizer": ("align_lightning.data.tokenizer", "main"),
+    "embed": ("align_lightning.commands", "embed_main"),
+    "classify": ("align_lightning.commands", "classify_main"),
+    "search": ("align_lightning.commands", "search_main"),
+    "clip_benchmark": ("align_lightning.clip_benchmark_plugin", "main"),
 }
 
 
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m align_lightning`` and the ``align-lightning`` console script.
 
     ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI; the tools in :data:`TOOLS`
-    (``filter``, ``tokenizer``) to their own parsers.
+    (``filter``, ``tokenizer``, ``embed``, ``classify``, ``search``, ``clip_benchmark``) to their own parsers.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOLS:

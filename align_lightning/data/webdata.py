@@ -396,10 +396,11 @@ class WebStreamDataset(IterableDataset):
 class _SyncedBatches:
     """The train/val dataloader seen by Lightning: counts, checks and keeps ranks in step."""
 
-    def __init__(self, datamodule: WebDataModule, urls: Sequence[str], training: bool) -> None:
+    def __init__(self, datamodule: WebDataModule, urls: Sequence[str], training: bool, synced: bool = True) -> None:
         self.datamodule = datamodule
         self.urls = list(urls)
         self.training = training
+        self.synced = synced  # keep ranks in step (equal_steps); predict does not need it
         self.length = datamodule._length(training)
 
     def __len__(self) -> int:
@@ -409,7 +410,7 @@ class _SyncedBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dm = self.datamodule
-        world = dm._world_size() if dm.equal_steps else 1
+        world = dm._world_size() if dm.equal_steps and self.synced else 1
         device = dm._sync_device()
         iterator = iter(dm._make_loader(self.urls, self.training))
         while True:
@@ -820,8 +821,10 @@ class WebDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> _SyncedBatches | list:
-        """Same as :meth:`val_dataloader` (batches carry their sample ``keys``)."""
-        return self.val_dataloader()
+        """The held-out shards as :meth:`val_dataloader` (batches carry their sample ``keys``), but every rank
+        reads its whole share: prediction has no per-step collective, so ranks need not stay in step (with
+        ``equal_steps`` the ranks would stop when the first runs out, leaving the others' last samples out)."""
+        return _SyncedBatches(self, self.val_urls, training=False, synced=False) if self.val_urls else []
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Commit the data position of the batch Lightning is about to use, and strip the metadata."""

@@ -39,10 +39,17 @@ class DualEncoder(nn.Module):
         freeze_image_tower: Train without updating the image tower (LiT's "locked image tuning"):
             its parameters get no gradients and it stays in eval mode (BatchNorm statistics frozen).
         freeze_text_tower: The same for the text tower.
+        init_from: A Hugging Face ``AlignModel`` checkpoint (hub name such as
+            ``kakaobrain/align-base``, or a ``save_pretrained`` folder) whose weights (both towers,
+            text projection, temperature) replace the initial ones; the towers must have its
+            architecture (``AlignVisionTower(<checkpoint>)`` and ``TextTower(<checkpoint>)``), and its
+            temperature replaces ``temperature_init``. See
+            :func:`~align_lightning.model.from_hf_align`.
 
     Raises:
         ConfigError: If ``embed_dim`` differs from the image feature width without an image
-            projection, or the temperature settings are not positive.
+            projection, the temperature settings are not positive, or ``init_from`` does not fit
+            the model (see :func:`~align_lightning.model.load_hf_align_weights`).
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class DualEncoder(nn.Module):
         grad_checkpointing: bool = False,
         freeze_image_tower: bool = False,
         freeze_text_tower: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         image_dim, text_dim = int(image_tower.output_dim), int(text_tower.output_dim)
@@ -90,6 +98,11 @@ class DualEncoder(nn.Module):
         for tower in self.frozen_towers:
             tower.requires_grad_(False)
             tower.eval()
+        if init_from is not None:
+            # Imported here: hf_align builds DualEncoders, so it imports this module.
+            from align_lightning.model.hf_align import load_hf_align_weights
+
+            load_hf_align_weights(self, init_from)
 
     def train(self, mode: bool = True) -> DualEncoder:
         """Set training mode; frozen towers stay in eval mode."""

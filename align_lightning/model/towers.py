@@ -16,13 +16,30 @@ import timm
 import torch
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import AlignConfig, AlignTextConfig, AutoConfig, AutoModel, BertConfig, PretrainedConfig
 
 from align_lightning._errors import ConfigError
 
-__all__ = ["ImageTower", "TextTower"]
+__all__ = ["ALIGN_TEXT_FIELDS", "ImageTower", "TextTower"]
 
 log = logging.getLogger(__name__)
+
+#: The fields of Hugging Face's ``AlignTextConfig``: its text model is BERT, and these are ``BertConfig``'s.
+ALIGN_TEXT_FIELDS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+)
 
 
 def _close_matches(name: str, candidates: list[str]) -> str:
@@ -121,7 +138,7 @@ def _load_config(model_name_or_path: str | None, config: dict[str, Any] | None) 
     if model_name_or_path is None:
         raise ConfigError("model_name_or_path", None, "give a Hugging Face model name/path or an inline `config`.")
     try:
-        return AutoConfig.from_pretrained(model_name_or_path)
+        loaded = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
         looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
         hint = (
@@ -135,6 +152,12 @@ def _load_config(model_name_or_path: str | None, config: dict[str, Any] | None) 
             f"{hint}. Use a hub name such as 'bert-base-uncased' (needs a network or a warm cache), a folder written "
             "by save_pretrained, or an inline `config: {model_type: bert, ...}`.",
         ) from err
+    if isinstance(loaded, AlignConfig):
+        loaded = loaded.text_config
+    if isinstance(loaded, AlignTextConfig):
+        # A Hugging Face ALIGN checkpoint: its text model is BERT, key for key (see model/hf_align.py).
+        return BertConfig(**{name: getattr(loaded, name) for name in ALIGN_TEXT_FIELDS})
+    return loaded
 
 
 class TextTower(nn.Module):
@@ -143,6 +166,8 @@ class TextTower(nn.Module):
     Args:
         model_name_or_path: Hub name or local folder (``save_pretrained`` layout). With
             ``pretrained=False`` only its config is used and the weights are initialised at random.
+            A Hugging Face ALIGN checkpoint (``kakaobrain/align-base``) gives its BERT text model's
+            architecture; its weights load with the whole model (``DualEncoder(init_from=...)``).
         config: Inline config fields (must include ``model_type``, e.g. ``bert``) to build a model
             from scratch without any file; with ``model_name_or_path`` they override its config.
         pretrained: Load the weights of ``model_name_or_path``.
@@ -151,8 +176,8 @@ class TextTower(nn.Module):
             trained from scratch; must not be smaller than the tokenizer's vocabulary).
 
     Raises:
-        ConfigError: For an unknown name/path, a config without ``model_type``, or a vocabulary
-            size change on pretrained weights.
+        ConfigError: For an unknown name/path, a config without ``model_type``, a vocabulary
+            size change on pretrained weights, or ``pretrained`` with an ALIGN checkpoint.
     """
 
     def __init__(
@@ -170,6 +195,13 @@ class TextTower(nn.Module):
         if pretrained:
             if model_name_or_path is None:
                 raise ConfigError("pretrained", True, "needs `model_name_or_path` to load weights from.")
+            if isinstance(AutoConfig.from_pretrained(model_name_or_path), (AlignConfig, AlignTextConfig)):
+                raise ConfigError(
+                    "pretrained",
+                    True,
+                    f"{model_name_or_path!r} is an ALIGN checkpoint, whose weights load with the whole model: set "
+                    f"pretrained: false and the DualEncoder's init_from: {model_name_or_path} (or use from_hf_align).",
+                )
             if vocab_size is not None and vocab_size != hf_config.vocab_size:
                 raise ConfigError(
                     "vocab_size",

@@ -225,6 +225,10 @@ def _rank_keys(rank: int, world: int, port: int, pattern: str, out: str) -> None
             )
             batches = [batch["keys"] for batch in dm.train_dataloader()]
             Path(out, f"rank{rank}-{equal_steps}.txt").write_text("\n".join(",".join(keys) for keys in batches))
+        # Prediction (no per-step collective): every rank reads its whole share, even with equal_steps.
+        dm = WebDataModule(val_urls=pattern, num_workers=2, multiprocessing_context="fork", **COMMON)
+        batches = [batch["keys"] for batch in dm.predict_dataloader()]
+        Path(out, f"rank{rank}-predict.txt").write_text("\n".join(",".join(keys) for keys in batches))
     finally:
         dist.destroy_process_group()
 
@@ -239,6 +243,14 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path: Path) -> 
     ]
     seen = Counter(key for keys in batches for key in keys)
     assert seen == Counter(f"{i:09d}" for i in range(total))
+
+    predicted = [
+        key
+        for r in range(2)
+        for line in (tmp_path / f"rank{r}-predict.txt").read_text().split()
+        for key in line.split(",")
+    ]
+    assert Counter(predicted) == Counter(f"{i:09d}" for i in range(total))
 
     # With equal_steps (training), both ranks take the same number of steps and no key repeats.
     per_rank = [(tmp_path / f"rank{r}-True.txt").read_text().splitlines() for r in range(2)]

@@ -9,8 +9,11 @@ import pytest
 import yaml
 
 from align_lightning.cli import recipes_dir, run
+from align_lightning.data.tokenizer import train_wordpiece
 from tests.conftest import TINY_BERT
+from tests.data.karpathy_utils import write_karpathy
 from tests.data.shard_utils import write_shards
+from tests.model.hf_align_utils import save_tiny_align
 
 RECIPES = sorted(recipes_dir().glob("*.yaml"))
 #: Recipes that train (the others, eval_*.yaml, evaluate a checkpoint).
@@ -18,14 +21,36 @@ TRAINING = [p for p in RECIPES if not p.stem.startswith("eval_")]
 EVALUATION = [p for p in RECIPES if p.stem.startswith("eval_")]
 
 
+def _tiny_imported(recipe: dict, tmp_path: Path) -> dict:
+    """A recipe that fine-tunes an imported Hugging Face ALIGN checkpoint: a tiny random one saved locally
+    replaces the hub name (nothing is downloaded), a generated Karpathy-format set the data paths."""
+    annotations, image_root = write_karpathy(tmp_path / "karpathy", {"train": 8, "test": 3})
+    captions = [s["raw"] for e in json.loads(annotations.read_text())["images"] for s in e["sentences"]]
+    align = save_tiny_align(tmp_path / "align", train_wordpiece(captions, vocab_size=200, min_frequency=1))
+    hub_name = recipe["model"]["model"]["init_args"]["init_from"]
+    recipe = yaml.safe_load(yaml.safe_dump(recipe).replace(hub_name, str(align)))
+    recipe["data"]["init_args"].update(
+        annotations=str(annotations), image_root=str(image_root), batch_size=8, image_size=32, num_workers=0,
+        pin_memory=False,
+    )  # fmt: skip
+    trainer = recipe["trainer"]
+    trainer.update(accelerator="cpu", devices=1, strategy="auto", default_root_dir=str(tmp_path))
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    return recipe
+
+
 def _tiny(recipe: dict, tmp_path: Path) -> dict:
     """The same recipe with CPU-sized towers and data: only sizes change, never the wiring."""
     encoder = recipe["model"]["model"]["init_args"]
+    if "init_from" in encoder:
+        return _tiny_imported(recipe, tmp_path)
     encoder["image_tower"]["init_args"].update(model_name="test_efficientnet", pretrained=False)
     text = encoder["text_tower"]["init_args"]
     text.update(config={k: v for k, v in TINY_BERT.items() if k != "vocab_size"}, pretrained=False)
     text.pop("model_name_or_path", None)
     encoder["embed_dim"] = None
+    if recipe["model"].get("micro_batch_size"):
+        recipe["model"]["micro_batch_size"] = 4  # gradient caching still on: 2 micro-batches per batch of 8
     data = recipe["data"]["init_args"]
     data.update(batch_size=8, image_size=32, num_workers=0, tokenizer=None, vocab_size=200)
     if recipe["data"]["class_path"].endswith("WebDataModule"):
