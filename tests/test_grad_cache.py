@@ -162,7 +162,9 @@ class _Pairs(Dataset):
         return {key: value[index] for key, value in self.batch.items()}
 
 
-def _fit(tmp_path: Path, micro_batch_size: int | None, accumulate: int) -> tuple[dict[str, Tensor], list[float]]:
+def _fit(
+    tmp_path: Path, micro_batch_size: int | None, accumulate: int, plugins: list | None = None
+) -> tuple[dict[str, Tensor], list[float]]:
     schedule = partial(WarmupLinearDecay, warmup_steps=0, total_steps=100)
     module = ALIGNModule(
         _model(), ContrastiveLoss(label_smoothing=0.1), optimizer=partial(torch.optim.SGD, lr=0.5),
@@ -177,7 +179,7 @@ def _fit(tmp_path: Path, micro_batch_size: int | None, accumulate: int) -> tuple
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.05,
-        accumulate_grad_batches=accumulate, default_root_dir=tmp_path, callbacks=[_Losses()],
+        accumulate_grad_batches=accumulate, default_root_dir=tmp_path, callbacks=[_Losses()], plugins=plugins,
     )  # fmt: skip
     trainer.fit(module, DataLoader(_Pairs(), batch_size=BATCH // accumulate // 2))
     return {n: p.detach().clone() for n, p in module.model.named_parameters()}, losses
@@ -193,6 +195,21 @@ def test_module_trains_with_gradient_caching_as_with_the_true_batch(tmp_path: Pa
     updates = {n: v - initial[n] for n, v in cached.items()}
     # Updates are differences of parameter values: allow their float32 rounding (1e-7).
     _assert_grads_equal(updates, {n: v - initial[n] for n, v in plain.items()}, floor=1e-7)
+
+
+def test_float16_gradient_scaling(tmp_path: Path) -> None:
+    """16-mixed: the earlier micro-batches' backward passes are scaled like Lightning's (else, once unscaled,
+    they would count 1/65,536 as much as the last one). Lightning only offers 16-mixed on CUDA; its plugin
+    with a CPU GradScaler runs the same code path here."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    cached, _ = _fit(tmp_path / "cached", MICRO, accumulate=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+    plain, _ = _fit(tmp_path / "plain", None, accumulate=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+    initial = {name: value.detach() for name, value in _model().named_parameters()}
+    update = torch.cat([(cached[n] - initial[n]).flatten() for n in plain])
+    expected = torch.cat([(plain[n] - initial[n]).flatten() for n in plain])
+    assert expected.norm() > 0  # the scaler did not skip the steps
+    assert (update - expected).norm() < 0.05 * expected.norm()  # float16 rounding only
 
 
 def test_micro_batch_size_is_validated_and_fsdp1_refused() -> None:
