@@ -38,7 +38,6 @@ from transformers import (
     AlignTextConfig,
     AlignVisionConfig,
     AlignVisionModel,
-    AutoConfig,
     BertConfig,
     BertModel,
     PretrainedConfig,
@@ -48,7 +47,7 @@ from transformers import (
 from align_lightning._errors import ConfigError
 from align_lightning.data.tokenizer import load_tokenizer
 from align_lightning.model.dual_encoder import DualEncoder
-from align_lightning.model.towers import ALIGN_TEXT_FIELDS, TextTower
+from align_lightning.model.towers import ALIGN_TEXT_FIELDS, TextTower, load_hf_config
 
 __all__ = [
     "AlignVisionTower",
@@ -78,16 +77,7 @@ _FIX_SOURCE = (
 
 def _load_align_config(name_or_path: str) -> PretrainedConfig:
     """The ``AlignConfig`` (or ``AlignVisionConfig`` / ``AlignTextConfig``) of a checkpoint, with clear errors."""
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-        where = (
-            "no such local folder"
-            if looks_local
-            else "not a local folder, and the Hugging Face hub (or its cache) does not know it"
-        )
-        raise ConfigError("name_or_path", name_or_path, f"{where}. {_FIX_SOURCE}") from err
+    config = load_hf_config(name_or_path, "name_or_path", _FIX_SOURCE)
     if not isinstance(config, (AlignConfig, AlignVisionConfig, AlignTextConfig)):
         raise ConfigError(
             "name_or_path",

@@ -20,7 +20,7 @@ from transformers import AlignConfig, AlignTextConfig, AutoConfig, AutoModel, Be
 
 from align_lightning._errors import ConfigError
 
-__all__ = ["ALIGN_TEXT_FIELDS", "ImageTower", "TextTower"]
+__all__ = ["ALIGN_TEXT_FIELDS", "ImageTower", "TextTower", "load_hf_config"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,21 @@ class ImageTower(nn.Module):
         return self.model(pixel_values)
 
 
+def load_hf_config(name_or_path: str, param: str, fix: str) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained(name_or_path)``, or a :class:`ConfigError` on ``param`` saying whether the
+    local folder is missing or the hub does not know the name, followed by ``fix``."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        where = (
+            "no such local folder"
+            if looks_local
+            else "not a local folder, and the Hugging Face hub (or its cache) does not know it"
+        )
+        raise ConfigError(param, name_or_path, f"{where}. {fix}") from err
+
+
 def _load_config(model_name_or_path: str | None, config: dict[str, Any] | None) -> PretrainedConfig:
     if config is not None:
         config = dict(config)
@@ -137,21 +152,12 @@ def _load_config(model_name_or_path: str | None, config: dict[str, Any] | None) 
             raise ConfigError("config", {"model_type": model_type}, str(err)) from err
     if model_name_or_path is None:
         raise ConfigError("model_name_or_path", None, "give a Hugging Face model name/path or an inline `config`.")
-    try:
-        loaded = AutoConfig.from_pretrained(model_name_or_path)
-    except (OSError, ValueError) as err:
-        looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
-        hint = (
-            "no such local folder"
-            if looks_local
-            else "not a local folder, and the Hugging Face hub (or its cache) does not know it"
-        )
-        raise ConfigError(
-            "model_name_or_path",
-            model_name_or_path,
-            f"{hint}. Use a hub name such as 'bert-base-uncased' (needs a network or a warm cache), a folder written "
-            "by save_pretrained, or an inline `config: {model_type: bert, ...}`.",
-        ) from err
+    loaded = load_hf_config(
+        model_name_or_path,
+        "model_name_or_path",
+        "Use a hub name such as 'bert-base-uncased' (needs a network or a warm cache), a folder written by "
+        "save_pretrained, or an inline `config: {model_type: bert, ...}`.",
+    )
     if isinstance(loaded, AlignConfig):
         loaded = loaded.text_config
     if isinstance(loaded, AlignTextConfig):

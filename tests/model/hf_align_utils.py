@@ -7,17 +7,12 @@ from pathlib import Path
 import torch
 from transformers import AlignConfig, AlignModel, PreTrainedTokenizerBase
 
+from tests.conftest import TINY_BERT
+
 #: A small EfficientNet (10 blocks, 80-d pooled features) in AlignModel's layout.
 TINY_VISION = {"width_coefficient": 0.25, "depth_coefficient": 0.4, "hidden_dim": 64, "drop_connect_rate": 0.2}
 #: A 2-layer BERT.
-TINY_TEXT = {
-    "vocab_size": 99,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 37,
-    "max_position_embeddings": 64,
-}
+TINY_TEXT = {key: value for key, value in TINY_BERT.items() if key != "model_type"}
 #: Width of TINY_VISION's pooled feature: AlignModel's projection_dim must equal it.
 TINY_EMBED_DIM = 80
 
