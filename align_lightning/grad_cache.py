@@ -16,7 +16,8 @@ very embeddings of pass 1: the random state (dropout, drop-path) is saved before
 in pass 1 and restored before its re-embedding, and BatchNorm layers normalise each micro-batch
 with its own statistics in both passes but update their running statistics only in pass 3 (once).
 BatchNorm statistics are therefore per micro-batch, like ALIGN's per-core batch statistics
-(16 pairs per TPU core in the paper).
+(16 pairs per TPU core in the paper). Data augmentation happens in the data pipeline, before the
+step, so both passes see the same pixels and tokens.
 """
 
 from __future__ import annotations
