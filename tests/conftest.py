@@ -13,6 +13,15 @@ import torch  # noqa: E402
 
 from align_lightning.model import DualEncoder, ImageTower, TextTower  # noqa: E402
 
+#: Quickstart data overrides for a CLI run of seconds: few tiny pairs, no worker processes.
+TINY_DATA_ARGS = [
+    "--data.init_args.num_train=32",
+    "--data.init_args.num_val=16",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.image_size=32",
+    "--data.init_args.num_workers=0",
+]
+
 TINY_BERT = {
     "model_type": "bert",
     "vocab_size": 99,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import TINY_DATA_ARGS
+
 #: Colour and shape words the quickstart's learned tokenizer knows (its demo captions use them).
 COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
@@ -34,11 +36,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
-            "--data.init_args.num_train=32",
-            "--data.init_args.num_val=16",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.image_size=32",
-            "--data.init_args.num_workers=0",
+            *TINY_DATA_ARGS,
             f"--trainer.logger.init_args.save_dir={folder}",
         ]
     )

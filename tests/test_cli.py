@@ -10,6 +10,7 @@ import yaml
 
 from align_lightning._errors import ConfigError
 from align_lightning.cli import recipe_names, recipe_path, run
+from tests.conftest import TINY_DATA_ARGS
 
 QUICK = [
     "--trainer.max_steps=2",
@@ -18,11 +19,7 @@ QUICK = [
     "--trainer.num_sanity_val_steps=0",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
-    "--data.init_args.num_train=32",
-    "--data.init_args.num_val=16",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
+    *TINY_DATA_ARGS,
 ]
 
 
